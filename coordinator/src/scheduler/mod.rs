@@ -1,0 +1,1 @@
+//! The scheduler library: filters, weighers and the claim transaction.

@@ -1,0 +1,1 @@
+//! Messages of the agent API (`/agent/v1`).

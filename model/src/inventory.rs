@@ -1,0 +1,1 @@
+//! A host inventory as the agent discovers it.

@@ -1,0 +1,1 @@
+//! Leader election over leases and compare-and-swap (to be written).
