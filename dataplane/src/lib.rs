@@ -1,1 +1,5 @@
-//! The dataplane.
+//! The dataplane: a logical network model compiled to a per-host pipeline of
+//! match/action tables, executed by our own userspace datapath.
+
+pub mod mac;
+pub mod model;
