@@ -21,6 +21,7 @@ pub mod election;
 pub mod embedded;
 pub mod etcd;
 pub mod record;
+pub mod testing;
 
 /// A lease identifier. Zero means "no lease".
 pub type LeaseId = i64;
@@ -75,6 +76,10 @@ impl Op {
     pub fn delete(key: impl Into<String>) -> Op {
         Op::Delete { key: key.into() }
     }
+    /// A delete of every key starting with `prefix` (all keys for "").
+    pub fn delete_prefix(prefix: impl Into<String>) -> Op {
+        Op::DeletePrefix { prefix: prefix.into() }
+    }
     /// A single-key read inside a transaction.
     pub fn get(key: impl Into<String>) -> Op {
         Op::Get { key: key.into() }
@@ -105,7 +110,57 @@ impl Txn {
         self.failure.push(op);
         self
     }
+
+    /// Checks what etcd refuses before running anything: empty keys, more than
+    /// [`MAX_TXN_OPS`] compares or operations per branch, a key put twice or both
+    /// put and deleted in one branch. Both backends call it, so both refuse alike.
+    pub fn validate(&self) -> Result<()> {
+        let most = self.compares.len().max(self.success.len()).max(self.failure.len());
+        if most > MAX_TXN_OPS {
+            return Err(StoreError::Invalid(format!("Too many operations in a transaction ({most} > {MAX_TXN_OPS})")));
+        }
+        for c in &self.compares {
+            let (Compare::ModRevision(k, _) | Compare::Version(k, _) | Compare::Absent(k) | Compare::Exists(k)) = c;
+            if k.is_empty() {
+                return Err(StoreError::Invalid("Empty key in a compare".into()));
+            }
+        }
+        for branch in [&self.success, &self.failure] {
+            let mut puts = std::collections::HashSet::new();
+            for op in branch {
+                match op {
+                    Op::Put { key, .. } => {
+                        if key.is_empty() {
+                            return Err(StoreError::Invalid("Empty key in a put".into()));
+                        }
+                        if !puts.insert(key.as_str()) {
+                            return Err(StoreError::Invalid(format!("Key {key} is put twice in one transaction")));
+                        }
+                    }
+                    Op::Delete { key } | Op::Get { key } if key.is_empty() => {
+                        return Err(StoreError::Invalid("Empty key in a transaction".into()))
+                    }
+                    _ => {}
+                }
+            }
+            for op in branch {
+                let clash = match op {
+                    Op::Delete { key } => puts.contains(key.as_str()),
+                    Op::DeletePrefix { prefix } => puts.iter().any(|k| k.starts_with(prefix.as_str())),
+                    _ => false,
+                };
+                if clash {
+                    return Err(StoreError::Invalid("A key is put and deleted in one transaction".into()));
+                }
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Most compares, and most operations per branch, of one transaction
+/// (etcd's default `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
 
 /// The result of one operation of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
