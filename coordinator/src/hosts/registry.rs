@@ -1,0 +1,130 @@
+//! Reading and changing host records: listing with live state, enable and disable.
+
+use model::agent_api::HostView;
+use store::record::{decode, encode};
+use store::{Compare, Op, Store, Txn};
+use uuid::Uuid;
+
+use super::error::HostsError;
+use super::heartbeat;
+use super::provider_tree;
+use super::records::{self, HostRecord, HostState, InventoryRecord};
+
+/// A host with its live state.
+#[derive(Clone, Debug)]
+pub struct HostStatus {
+    /// The stored record.
+    pub record: HostRecord,
+    /// Whether its heartbeat key exists now.
+    pub up: bool,
+}
+
+impl HostStatus {
+    /// `up` or `down`.
+    pub fn state(&self) -> HostState {
+        if self.up {
+            HostState::Up
+        } else {
+            HostState::Down
+        }
+    }
+
+    /// The admin API's view of the host.
+    pub fn view(&self) -> HostView {
+        let r = &self.record;
+        HostView {
+            id: r.id.clone(),
+            hostname: r.hostname.clone(),
+            zone: r.zone.clone(),
+            enabled: r.enabled,
+            disabled_reason: r.disabled_reason.clone(),
+            state: self.state().as_str().into(),
+            state_changed_at: r.state_changed_at().map(str::to_string),
+            created_at: r.created_at.clone(),
+            updated_at: r.updated_at.clone(),
+        }
+    }
+}
+
+/// Every host with its live state, sorted by host name.
+pub async fn list(store: &dyn Store) -> Result<Vec<HostStatus>, HostsError> {
+    let alive = heartbeat::alive_hosts(store).await?;
+    let mut out = Vec::new();
+    for kv in store.range(records::RECORDS_PREFIX).await?.kvs {
+        let record: HostRecord = decode(&kv.key, &kv.value)?;
+        let up = alive.contains(&record.id);
+        out.push(HostStatus { record, up });
+    }
+    out.sort_by(|a, b| a.record.hostname.cmp(&b.record.hostname));
+    Ok(out)
+}
+
+/// One host with its live state, by id.
+pub async fn get(store: &dyn Store, id: &str) -> Result<HostStatus, HostsError> {
+    if Uuid::parse_str(id).is_err() {
+        return Err(HostsError::NotFound(id.into()));
+    }
+    let kv = store.get(&records::record_key(id)).await?.ok_or_else(|| HostsError::NotFound(id.into()))?;
+    let record: HostRecord = decode(&kv.key, &kv.value)?;
+    let up = heartbeat::is_up(store, id).await?;
+    Ok(HostStatus { record, up })
+}
+
+/// The id of the host of a given name.
+pub async fn id_by_name(store: &dyn Store, hostname: &str) -> Result<Option<String>, HostsError> {
+    if !records::valid_hostname(hostname) {
+        return Ok(None);
+    }
+    match store.get(&records::name_key(hostname)).await? {
+        Some(kv) => Ok(Some(decode::<records::NameRecord>(&kv.key, &kv.value)?.host_id)),
+        None => Ok(None),
+    }
+}
+
+/// Longest disabled reason accepted (Nova's limit).
+pub const MAX_REASON_LEN: usize = 255;
+
+/// Enables or disables a host for scheduling, with a reason when disabling.
+///
+/// The host's root resource provider carries `COMPUTE_STATUS_DISABLED` while it is
+/// disabled, as Nova does, so placement queries can leave it out.
+pub async fn set_enabled(store: &dyn Store, id: &str, enabled: bool, reason: Option<String>) -> Result<HostStatus, HostsError> {
+    if let Some(r) = &reason {
+        if r.chars().count() > MAX_REASON_LEN || r.trim().is_empty() {
+            return Err(HostsError::Invalid(format!("disabled_reason must be 1 to {MAX_REASON_LEN} characters")));
+        }
+    }
+    let key = records::record_key(id);
+    for _ in 0..8 {
+        let kv = store.get(&key).await?.ok_or_else(|| HostsError::NotFound(id.into()))?;
+        let mut record: HostRecord = decode(&kv.key, &kv.value)?;
+        let reason = if enabled { None } else { reason.clone() };
+        if record.enabled == enabled && record.disabled_reason == reason {
+            return get(store, id).await;
+        }
+        record.enabled = enabled;
+        record.disabled_reason = reason;
+        record.updated_at = records::now_rfc3339();
+        let txn = Txn::new().when(Compare::ModRevision(key.clone(), kv.mod_revision)).and_then(Op::put(key.clone(), encode(&record)));
+        if store.txn(txn).await?.succeeded {
+            tracing::info!(host_id = %id, hostname = %record.hostname, enabled, reason = ?record.disabled_reason, "host enabled flag changed");
+            if let Err(e) = sync_providers(store, &record).await {
+                tracing::warn!(host_id = %id, error = %e, "could not update the host's resource providers after enable/disable");
+            }
+            return get(store, id).await;
+        }
+    }
+    Err(HostsError::Contention)
+}
+
+/// Makes the host's resource providers match its stored inventory and enabled flag.
+pub async fn sync_providers(store: &dyn Store, record: &HostRecord) -> Result<(), HostsError> {
+    let Some(kv) = store.get(&records::inventory_key(&record.id)).await? else {
+        return Ok(());
+    };
+    let inv: InventoryRecord = decode(&kv.key, &kv.value)?;
+    let id = Uuid::parse_str(&record.id).map_err(|e| HostsError::Invalid(e.to_string()))?;
+    let tree = provider_tree::build(&id, &record.hostname, &inv.inventory, record.enabled);
+    crate::placement::db::sync_provider_tree(store, &tree).await?;
+    Ok(())
+}
