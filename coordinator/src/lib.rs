@@ -13,6 +13,7 @@ pub mod placement;
 pub mod scheduler;
 pub mod server;
 pub mod state;
+pub mod testing;
 
 pub use config::Config;
 pub use error::{ApiError, Dialect};
