@@ -598,6 +598,9 @@ pub fn describe_match(m: &Match) -> String {
     if w.tun_id != 0 {
         parts.push(format!("tun_id={}", k.tun_id));
     }
+    if w.ct_zone != 0 {
+        parts.push(format!("ct_zone={}", k.ct_zone));
+    }
     if w.ct_state != 0 {
         parts.push(format!("ct_state={:#04x}/{:#04x}", k.ct_state, w.ct_state));
     }
@@ -708,6 +711,13 @@ impl M {
         self.set(|k, m| {
             k.ct_state = state & mask;
             m.ct_state = mask;
+        })
+    }
+    /// Conntrack zone of the last ct() lookup.
+    pub fn ct_zone(self, z: u16) -> M {
+        self.set(|k, m| {
+            k.ct_zone = z;
+            m.ct_zone = u16::MAX;
         })
     }
     /// Ethernet source.
