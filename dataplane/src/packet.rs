@@ -574,6 +574,35 @@ pub fn write_router_advert(buf: &mut [u8], mac: MacAddr, eth_dst: MacAddr, dst: 
     })
 }
 
+/// Computes the full TCP/UDP checksum of a frame whose checksum the sender left
+/// to offload (AF_PACKET reports this as TP_STATUS_CSUMNOTREADY).
+pub fn fill_partial_checksum(frame: &mut [u8]) {
+    let mut key = FlowKey::default();
+    let Ok(layout) = parse(frame, &mut key) else { return };
+    if layout.l4 == 0 || key.ip_frag != frag::NONE {
+        return;
+    }
+    let l3 = layout.l3 as usize;
+    let l4 = layout.l4 as usize;
+    let (end, src, dst) = match key.eth_type {
+        ethertype::IPV4 => (l3 + get16(frame, l3 + 2) as usize, l3 + 12..l3 + 16, l3 + 16..l3 + 20),
+        ethertype::IPV6 => (l3 + 40 + get16(frame, l3 + 4) as usize, l3 + 8..l3 + 24, l3 + 24..l3 + 40),
+        _ => return,
+    };
+    let co = match key.ip_proto {
+        proto::TCP => l4 + 16,
+        proto::UDP => l4 + 6,
+        _ => return,
+    };
+    if end > frame.len() || co + 2 > end {
+        return;
+    }
+    put16(frame, co, 0);
+    let ps = pseudo_header_sum(&frame[src], &frame[dst], key.ip_proto, end - l4);
+    let c = checksum(&frame[l4..end], ps);
+    put16(frame, co, if c == 0 && key.ip_proto == proto::UDP { 0xffff } else { c });
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -1,0 +1,326 @@
+//! Datapath ports: AF_PACKET with memory-mapped TPACKET_V2 rings (any kernel
+//! interface: veth, tap, uplink NIC) and the VXLAN tunnel port (a UDP socket
+//! on the underlay). Sockets can be opened inside another network namespace.
+
+use std::ffi::CString;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use crate::packet::{parse_vxlan, write_vxlan, VXLAN_HEADER_LEN, VXLAN_PORT};
+
+/// Errors opening or using a port.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// A system call failed.
+    #[error("{what} failed: {source}")]
+    Sys {
+        /// Which call.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The interface does not exist.
+    #[error("Interface '{0}' not found")]
+    NoInterface(String),
+    /// Entering the network namespace failed.
+    #[error("Cannot enter network namespace {path}: {source}")]
+    Netns {
+        /// Namespace path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+fn sys(what: &'static str) -> PortError {
+    PortError::Sys { what, source: io::Error::last_os_error() }
+}
+
+/// Runs `f` on a short-lived thread that has entered the network namespace at `netns`.
+pub fn in_netns<T: Send + 'static>(netns: Option<&Path>, f: impl FnOnce() -> Result<T, PortError> + Send + 'static) -> Result<T, PortError> {
+    let Some(path) = netns.map(Path::to_path_buf) else { return f() };
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).map_err(|source| PortError::Netns { path: path.clone(), source })?;
+        // SAFETY: setns on a valid namespace fd only changes this (private, short-lived) thread's namespace.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(PortError::Netns { path, source: io::Error::last_os_error() });
+        }
+        f()
+    })
+    .join()
+    .unwrap_or_else(|_| Err(PortError::Sys { what: "netns thread", source: io::Error::other("Thread panicked") }))
+}
+
+const SOL_PACKET: libc::c_int = 263;
+const PACKET_ADD_MEMBERSHIP: libc::c_int = 1;
+const PACKET_RX_RING: libc::c_int = 5;
+const PACKET_VERSION: libc::c_int = 10;
+const PACKET_TX_RING: libc::c_int = 13;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+const TPACKET_V2: libc::c_int = 1;
+const PACKET_MR_PROMISC: libc::c_ushort = 1;
+const TP_STATUS_USER: u32 = 1;
+const TP_STATUS_SEND_REQUEST: u32 = 1;
+const TP_STATUS_SENDING: u32 = 2;
+const TP_STATUS_WRONG_FORMAT: u32 = 4;
+const TP_STATUS_CSUMNOTREADY: u32 = 8;
+const TP_STATUS_VLAN_VALID: u32 = 0x10;
+const HDR_LEN: usize = 32; // TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
+const FRAME_SIZE: usize = 2048;
+const BLOCK_SIZE: usize = 1 << 16;
+const BLOCKS: usize = 8;
+const FRAMES: usize = BLOCK_SIZE / FRAME_SIZE * BLOCKS;
+
+#[repr(C)]
+struct TpacketReq {
+    block_size: u32,
+    block_nr: u32,
+    frame_size: u32,
+    frame_nr: u32,
+}
+
+#[repr(C)]
+struct PacketMreq {
+    ifindex: libc::c_int,
+    kind: libc::c_ushort,
+    alen: libc::c_ushort,
+    address: [u8; 8],
+}
+
+/// An AF_PACKET socket with RX and TX rings mapped into our memory.
+pub struct AfPacket {
+    fd: OwnedFd,
+    ring: *mut u8,
+    ring_len: usize,
+    rx_next: usize,
+    tx_next: usize,
+    tx_pending: bool,
+    /// The interface name.
+    pub ifname: String,
+}
+
+// SAFETY: the ring mapping is owned by this value alone and only touched through &mut self.
+unsafe impl Send for AfPacket {}
+
+impl AfPacket {
+    /// Opens interface `ifname` (inside `netns` when given).
+    pub fn open(ifname: &str, netns: Option<&Path>) -> Result<AfPacket, PortError> {
+        let name = ifname.to_string();
+        let fd = in_netns(netns, move || open_packet_socket(&name))?;
+        Self::map(fd, ifname)
+    }
+
+    fn map(fd: OwnedFd, ifname: &str) -> Result<AfPacket, PortError> {
+        let raw = fd.as_raw_fd();
+        let ring_len = BLOCK_SIZE * BLOCKS * 2;
+        // SAFETY: mapping the socket's RX+TX rings (configured in open_packet_socket) shared, with the kernel-chosen address.
+        let ring = unsafe { libc::mmap(std::ptr::null_mut(), ring_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_LOCKED, raw, 0) };
+        let ring = if ring == libc::MAP_FAILED {
+            // SAFETY: as above, without MAP_LOCKED (which may exceed RLIMIT_MEMLOCK).
+            let r = unsafe { libc::mmap(std::ptr::null_mut(), ring_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, raw, 0) };
+            if r == libc::MAP_FAILED {
+                return Err(sys("mmap of packet ring"));
+            }
+            r
+        } else {
+            ring
+        };
+        Ok(AfPacket { fd, ring: ring as *mut u8, ring_len, rx_next: 0, tx_next: 0, tx_pending: false, ifname: ifname.to_string() })
+    }
+
+    fn frame(&self, tx: bool, i: usize) -> *mut u8 {
+        let base = if tx { BLOCK_SIZE * BLOCKS } else { 0 };
+        // SAFETY: i < FRAMES so the offset stays inside the mapping of ring_len bytes.
+        unsafe { self.ring.add(base + i * FRAME_SIZE) }
+    }
+
+    /// Receives one frame into `out` (returns its length), or None when the ring is empty.
+    pub fn recv(&mut self, out: &mut [u8]) -> Option<usize> {
+        let f = self.frame(false, self.rx_next);
+        // SAFETY: f points at a tpacket2_hdr inside the mapped ring; the status word is shared
+        // with the kernel, so it is read volatile and with acquire ordering.
+        let status = unsafe { std::ptr::read_volatile(f as *const u32) };
+        if status & TP_STATUS_USER == 0 {
+            return None;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        // SAFETY: the kernel handed this frame to us (TP_STATUS_USER); header fields lie within it.
+        let (snaplen, mac, tci) = unsafe { (std::ptr::read(f.add(8) as *const u32) as usize, std::ptr::read(f.add(16) as *const u16) as usize, std::ptr::read(f.add(24) as *const u16)) };
+        let mut n = 0;
+        if mac + snaplen <= FRAME_SIZE {
+            // SAFETY: mac+snaplen is inside the frame (checked); the kernel does not write it while we own it.
+            let data = unsafe { std::slice::from_raw_parts(f.add(mac), snaplen) };
+            if status & TP_STATUS_VLAN_VALID != 0 && snaplen >= 12 && snaplen + 4 <= out.len() {
+                out[..12].copy_from_slice(&data[..12]);
+                out[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+                out[14..16].copy_from_slice(&tci.to_be_bytes());
+                out[16..snaplen + 4].copy_from_slice(&data[12..]);
+                n = snaplen + 4;
+            } else if snaplen <= out.len() {
+                out[..snaplen].copy_from_slice(data);
+                n = snaplen;
+            }
+            if status & TP_STATUS_CSUMNOTREADY != 0 {
+                crate::packet::fill_partial_checksum(&mut out[..n]);
+            }
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        // SAFETY: giving the frame back to the kernel by writing its status word.
+        unsafe { std::ptr::write_volatile(f as *mut u32, 0) };
+        self.rx_next = (self.rx_next + 1) % FRAMES;
+        Some(n)
+    }
+
+    /// Queues one frame on the TX ring; false if the ring is full (dropped).
+    pub fn send(&mut self, data: &[u8]) -> bool {
+        if data.len() > FRAME_SIZE - HDR_LEN {
+            return false;
+        }
+        let f = self.frame(true, self.tx_next);
+        // SAFETY: f is a TX frame header in the mapping; status is shared with the kernel.
+        let status = unsafe { std::ptr::read_volatile(f as *const u32) };
+        if status & (TP_STATUS_SEND_REQUEST | TP_STATUS_SENDING) != 0 {
+            self.flush();
+            return false;
+        }
+        if status & TP_STATUS_WRONG_FORMAT != 0 {
+            // The kernel rejected an earlier frame here; reclaim the slot.
+        }
+        // SAFETY: the slot is ours (status available); we write the payload and length
+        // inside the frame, then publish it with a release fence and the status word.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), f.add(HDR_LEN), data.len());
+            std::ptr::write(f.add(4) as *mut u32, data.len() as u32);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            std::ptr::write_volatile(f as *mut u32, TP_STATUS_SEND_REQUEST);
+        }
+        self.tx_next = (self.tx_next + 1) % FRAMES;
+        self.tx_pending = true;
+        true
+    }
+
+    /// Asks the kernel to transmit queued frames.
+    pub fn flush(&mut self) {
+        if !self.tx_pending {
+            return;
+        }
+        self.tx_pending = false;
+        // SAFETY: a zero-length send on our own socket kicks TX ring processing.
+        unsafe { libc::send(self.fd.as_raw_fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT) };
+    }
+
+    /// The socket, for poll().
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for AfPacket {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the region mapped in `map`, which nothing refers to any more.
+        unsafe { libc::munmap(self.ring as *mut libc::c_void, self.ring_len) };
+    }
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T, what: &'static str) -> Result<(), PortError> {
+    // SAFETY: val is a valid T for the duration of the call and its size is passed.
+    let rc = unsafe { libc::setsockopt(fd, level, name, val as *const T as *const libc::c_void, std::mem::size_of::<T>() as libc::socklen_t) };
+    if rc != 0 {
+        return Err(sys(what));
+    }
+    Ok(())
+}
+
+fn open_packet_socket(ifname: &str) -> Result<OwnedFd, PortError> {
+    let cname = CString::new(ifname).map_err(|_| PortError::NoInterface(ifname.to_string()))?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(PortError::NoInterface(ifname.to_string()));
+    }
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket creation.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto as libc::c_int) };
+    if raw < 0 {
+        return Err(sys("socket(AF_PACKET)"));
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    setsockopt(raw, SOL_PACKET, PACKET_VERSION, &TPACKET_V2, "PACKET_VERSION")?;
+    let one: libc::c_int = 1;
+    // Older kernels lack it; then our own transmissions show up and are filtered by pkttype below.
+    let _ = setsockopt(raw, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one, "PACKET_IGNORE_OUTGOING");
+    let req = TpacketReq { block_size: BLOCK_SIZE as u32, block_nr: BLOCKS as u32, frame_size: FRAME_SIZE as u32, frame_nr: FRAMES as u32 };
+    setsockopt(raw, SOL_PACKET, PACKET_RX_RING, &req, "PACKET_RX_RING")?;
+    setsockopt(raw, SOL_PACKET, PACKET_TX_RING, &req, "PACKET_TX_RING")?;
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid starting value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: binding our socket to a properly initialised sockaddr_ll of the right size.
+    let rc = unsafe { libc::bind(raw, &sll as *const libc::sockaddr_ll as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t) };
+    if rc != 0 {
+        return Err(sys("bind(AF_PACKET)"));
+    }
+    let mreq = PacketMreq { ifindex: ifindex as i32, kind: PACKET_MR_PROMISC, alen: 0, address: [0; 8] };
+    setsockopt(raw, SOL_PACKET, PACKET_ADD_MEMBERSHIP, &mreq, "PACKET_ADD_MEMBERSHIP")?;
+    Ok(fd)
+}
+
+/// The VXLAN tunnel port: a UDP socket on the underlay address.
+pub struct Tunnel {
+    sock: std::net::UdpSocket,
+    buf: Vec<u8>,
+}
+
+impl Tunnel {
+    /// Binds `local`:4789 (inside `netns` when given).
+    pub fn open(local: Ipv4Addr, netns: Option<&Path>) -> Result<Tunnel, PortError> {
+        let sock = in_netns(netns, move || std::net::UdpSocket::bind(SocketAddrV4::new(local, VXLAN_PORT)).map_err(|source| PortError::Sys { what: "bind of VXLAN socket", source }))?;
+        sock.set_nonblocking(true).map_err(|source| PortError::Sys { what: "set_nonblocking", source })?;
+        Ok(Tunnel { sock, buf: vec![0u8; 65536] })
+    }
+
+    /// Receives one VXLAN packet: inner frame copied to `out`, returns (len, vni, remote).
+    pub fn recv(&mut self, out: &mut [u8]) -> Option<(usize, u32, Ipv4Addr)> {
+        loop {
+            let (n, from) = match self.sock.recv_from(&mut self.buf) {
+                Ok(x) => x,
+                Err(_) => return None,
+            };
+            let Some(vni) = parse_vxlan(&self.buf[..n]) else { continue };
+            let inner = &self.buf[VXLAN_HEADER_LEN..n];
+            if inner.len() > out.len() {
+                continue;
+            }
+            out[..inner.len()].copy_from_slice(inner);
+            let std::net::SocketAddr::V4(from) = from else { continue };
+            return Some((inner.len(), vni, *from.ip()));
+        }
+    }
+
+    /// Sends `frame` to `remote` with `vni`.
+    pub fn send(&mut self, frame: &[u8], vni: u32, remote: Ipv4Addr) -> bool {
+        let mut hdr = [0u8; VXLAN_HEADER_LEN];
+        write_vxlan(&mut hdr, vni);
+        let iov = [libc::iovec { iov_base: hdr.as_ptr() as *mut libc::c_void, iov_len: hdr.len() }, libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() }];
+        let dst = libc::sockaddr_in { sin_family: libc::AF_INET as u16, sin_port: VXLAN_PORT.to_be(), sin_addr: libc::in_addr { s_addr: u32::from(remote).to_be() }, sin_zero: [0; 8] };
+        // SAFETY: msghdr is plain data; zeroed is valid, then pointed at live iovecs and address.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = &dst as *const libc::sockaddr_in as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = 2;
+        // SAFETY: all pointers in msg refer to locals that outlive the call.
+        unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, libc::MSG_DONTWAIT) >= 0 }
+    }
+
+    /// The socket, for poll().
+    pub fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
