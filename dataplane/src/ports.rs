@@ -148,7 +148,7 @@ impl AfPacket {
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         // SAFETY: the kernel handed this frame to us (TP_STATUS_USER); header fields lie within it.
-        let (snaplen, mac, tci) = unsafe { (std::ptr::read(f.add(8) as *const u32) as usize, std::ptr::read(f.add(16) as *const u16) as usize, std::ptr::read(f.add(24) as *const u16)) };
+        let (snaplen, mac, tci) = unsafe { (std::ptr::read(f.add(8) as *const u32) as usize, std::ptr::read(f.add(12) as *const u16) as usize, std::ptr::read(f.add(24) as *const u16)) };
         let mut n = 0;
         if mac + snaplen <= FRAME_SIZE {
             // SAFETY: mac+snaplen is inside the frame (checked); the kernel does not write it while we own it.
