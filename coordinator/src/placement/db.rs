@@ -748,6 +748,18 @@ pub struct ConsumerAllocations {
 /// silently (a concurrent change of a touched provider makes it re-read and
 /// re-check; a concurrent change of a consumer fails a generation check).
 pub async fn replace_allocations(store: &dyn Store, requests: &[ConsumerAllocations]) -> Result<()> {
+    reshape(store, &BTreeMap::new(), requests).await
+}
+
+/// Placement's reshaper: replaces the inventories of some providers (each
+/// with the generation the caller read) and the allocations of some
+/// consumers in one transaction, checking capacity on the result, so
+/// inventory can move between providers while in use.
+pub async fn reshape(
+    store: &dyn Store,
+    inventories: &BTreeMap<Uuid, (u64, BTreeMap<String, Inventory>)>,
+    requests: &[ConsumerAllocations],
+) -> Result<()> {
     let mut seen = BTreeSet::new();
     for r in requests {
         if !seen.insert(r.consumer) {
@@ -770,7 +782,7 @@ pub async fn replace_allocations(store: &dyn Store, requests: &[ConsumerAllocati
     for _ in 0..MAX_ATTEMPTS {
         let consumers = futures::future::try_join_all(requests.iter().map(|r| get_consumer(store, &r.consumer))).await?;
         let mut txn = Txn::new();
-        let mut touched: BTreeSet<Uuid> = BTreeSet::new();
+        let mut touched: BTreeSet<Uuid> = inventories.keys().copied().collect();
         for (req, current) in requests.iter().zip(&consumers) {
             check_consumer_generation(req, current.as_ref())?;
             if let Some(c) = current {
@@ -785,6 +797,13 @@ pub async fn replace_allocations(store: &dyn Store, requests: &[ConsumerAllocati
             .filter_map(|(u, p)| p.map(|p| (*u, p)))
             .collect();
         let before: HashMap<Uuid, Provider> = providers.iter().map(|(u, p)| (*u, p.value.clone())).collect();
+        for (rp, (generation, inv)) in inventories {
+            let p = providers.get_mut(rp).ok_or(DbError::ProviderNotFound(*rp))?;
+            if p.value.generation != *generation {
+                return Err(DbError::ProviderGeneration(*rp));
+            }
+            p.value.inventories = inv.clone();
+        }
         for (req, current) in requests.iter().zip(&consumers) {
             if let Some(c) = current {
                 for rp in c.value.allocations.keys() {
@@ -802,14 +821,18 @@ pub async fn replace_allocations(store: &dyn Store, requests: &[ConsumerAllocati
                 p.value.allocations.insert(req.consumer, amounts.clone());
             }
         }
-        // Capacity: every class whose usage went up must still fit.
+        // Capacity: every class whose usage went up, or whose inventory was replaced, must still fit.
         for (uuid, p) in &providers {
             let old = &before[uuid];
+            let reshaped = inventories.contains_key(uuid);
             for (class, used) in p.value.usages() {
-                if used > old.used(&class) {
+                if reshaped && used > 0 && !p.value.inventories.contains_key(&class) {
+                    return Err(DbError::NoInventory { provider: *uuid, class });
+                }
+                if used > old.used(&class) || (reshaped && used > 0) {
                     let capacity = p.value.inventories.get(&class).map(|i| i.capacity()).unwrap_or(0);
                     if used > capacity {
-                        let requested = used - old.used(&class);
+                        let requested = used.saturating_sub(old.used(&class));
                         return Err(DbError::Capacity { provider: *uuid, class, requested, used: used - requested, capacity });
                     }
                 }
