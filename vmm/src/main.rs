@@ -136,6 +136,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    if vm.config.machine.seccomp {
+        let applied = vmm::seccomp::vmm_filter().and_then(|f| vmm::seccomp::apply(&f));
+        if let Err(e) = applied {
+            eprintln!("vmm: {e}");
+            vm.power_off();
+            vm.run();
+            return ExitCode::from(1);
+        }
+    }
     let reason = vm.run();
     if let Some(s) = &socket {
         vmm::api::cleanup(s);

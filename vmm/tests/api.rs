@@ -129,3 +129,41 @@ fn hostile_guest_fails_devices_not_the_vmm() {
     assert!(t["bad_accesses"].as_u64().unwrap() >= 1, "{c}");
     assert!(vm.stderr_text().contains("device needs reset"), "errors are logged: {}", vm.stderr_text());
 }
+
+fn thread_status(pid: u32, name: &str) -> String {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let p = t.unwrap().path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            return std::fs::read_to_string(p.join("status")).unwrap();
+        }
+    }
+    panic!("no thread {name} in {pid}");
+}
+
+fn field<'a>(status: &'a str, key: &str) -> &'a str {
+    status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or("")
+}
+
+#[test]
+fn vcpu_threads_are_pinned_and_every_thread_is_filtered() {
+    if skip_reason().is_some() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let dir = TempDir::new("pin");
+    let mut cfg = guest_config(&dir, vmm::TEST_GUEST, "guest.hb=20000");
+    cfg["api"] = serde_json::json!({ "socket": dir.path("api.sock") });
+    let cpu = cpus - 1;
+    cfg["machine"]["vcpu_pin"] = serde_json::json!([cpu]);
+    let mut vm = TestVm::boot(&dir, &cfg);
+    vm.wait_api(30);
+    vm.wait_for("heartbeat 1", 60);
+    let vcpu = thread_status(vm.pid(), "vcpu0");
+    assert_eq!(field(&vcpu, "Cpus_allowed_list:"), cpu.to_string(), "{vcpu}");
+    assert_eq!(field(&vcpu, "Seccomp:"), "2", "vCPU thread runs under a seccomp filter");
+    let main = thread_status(vm.pid(), "vmm");
+    assert_eq!(field(&main, "Seccomp:"), "2", "VMM thread runs under a seccomp filter");
+    // The filtered VMM still serves the API.
+    assert_eq!(vm.api("GET", "/vm", None).0, 200);
+}
