@@ -59,8 +59,10 @@ pub enum MemoryBackend {
     #[default]
     Anonymous,
     /// 2 MiB hugetlbfs pages (MAP_HUGETLB | MAP_HUGE_2MB).
+    #[serde(rename = "hugetlb-2m")]
     Hugetlb2m,
     /// 1 GiB hugetlbfs pages.
+    #[serde(rename = "hugetlb-1g")]
     Hugetlb1g,
     /// A shared mapping of `memory_file` (needed for vhost-user).
     File,
