@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::identity::routes())
         .nest("/placement", crate::placement::routes())
+        .nest("/compute", crate::compute::routes())
         .nest("/agent/v1", crate::hosts::agent_routes())
         .nest("/edge/v1", crate::hosts::admin_routes())
         .fallback(not_found)
@@ -113,7 +114,7 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let start = Instant::now();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route = route_label(req.extensions().get::<MatchedPath>().map(|m| m.as_str()).unwrap_or(&path));
     let request_id = req
         .extensions()
         .get::<RequestId>()
@@ -128,6 +129,16 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         resp.headers_mut().insert("openstack-request-id", v);
     }
     resp
+}
+
+/// A low-cardinality label for a path: its first two segments (ids come later).
+fn route_label(path: &str) -> String {
+    let mut segs = path.split('/').filter(|s| !s.is_empty());
+    match (segs.next(), segs.next()) {
+        (Some(a), Some(b)) => format!("/{a}/{b}"),
+        (Some(a), None) => format!("/{a}"),
+        _ => "/".into(),
+    }
 }
 
 /// Runs a replica until SIGTERM or Ctrl-C, then drains requests and stops.

@@ -9,6 +9,13 @@ fn rows_have(rows: &Value, field: &str, want: &str) -> bool {
     rows.as_array().unwrap().iter().any(|r| r[field].as_str() == Some(want))
 }
 
+/// A field of `openstack ... -f json` output, whichever capitalisation this client version uses.
+fn field<'a>(v: &'a Value, name: &str) -> &'a str {
+    let upper = name.to_uppercase();
+    let title = format!("{}{}", &name[..1].to_uppercase(), &name[1..]);
+    [name, upper.as_str(), title.as_str()].iter().find_map(|k| v[*k].as_str()).unwrap_or_else(|| panic!("no {name} in {v}"))
+}
+
 #[test]
 fn single_node_site_with_the_openstack_cli() {
     let Some(cli) = openstack_cli() else { return };
@@ -49,8 +56,13 @@ fn single_node_site_with_the_openstack_cli() {
     let alice = Cloud::password(&cli, &url, "alice", "second-pw", "alpha");
     alice.json(&["token", "issue"]);
     alice.ok(&["project", "show", "alpha"]);
+    // Another project is invisible to her: by name it is not found, by id it is forbidden.
     let err = alice.fails(&["project", "show", "beta"]);
-    assert!(err.contains("403") || err.contains("404") || err.contains("not authorized"), "{err}");
+    assert!(err.contains("No Project found") || err.contains("403"), "{err}");
+    let beta_id = admin.json(&["project", "show", "beta"])["id"].as_str().unwrap().to_string();
+    let err = alice.fails(&["project", "show", &beta_id]);
+    assert!(err.contains("No Project found") || err.contains("403"), "{err}");
+    assert!(!rows_have(&alice.json(&["project", "list"]), "Name", "beta"));
     let err = alice.fails(&["project", "create", "gamma"]);
     assert!(err.contains("403"), "{err}");
 
@@ -60,8 +72,8 @@ fn single_node_site_with_the_openstack_cli() {
     app.env = vec![
         ("OS_AUTH_TYPE".into(), "v3applicationcredential".into()),
         ("OS_AUTH_URL".into(), format!("{url}/v3")),
-        ("OS_APPLICATION_CREDENTIAL_ID".into(), cred["id"].as_str().unwrap().into()),
-        ("OS_APPLICATION_CREDENTIAL_SECRET".into(), cred["secret"].as_str().unwrap().into()),
+        ("OS_APPLICATION_CREDENTIAL_ID".into(), field(&cred, "id").into()),
+        ("OS_APPLICATION_CREDENTIAL_SECRET".into(), field(&cred, "secret").into()),
         ("OS_IDENTITY_API_VERSION".into(), "3".into()),
     ];
     let t = app.json(&["token", "issue"]);

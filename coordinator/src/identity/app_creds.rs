@@ -107,7 +107,8 @@ async fn create(State(state): State<AppState>, auth: Auth, Path(uid): Path<Strin
     };
     // The credential may carry only roles the creating token has.
     let token_roles = &auth.payload.r;
-    let role_ids: Vec<String> = match f.roles {
+    // No roles (absent or an empty list, as the CLI sends) means all of the token's roles.
+    let role_ids: Vec<String> = match f.roles.filter(|l| !l.is_empty()) {
         None => token_roles.iter().map(|(id, _)| id.clone()).collect(),
         Some(list) => {
             let mut out = vec![];
