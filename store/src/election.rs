@@ -294,12 +294,17 @@ impl Campaign {
 
     /// Waits, keeping our lease alive, until the current leader's key goes away.
     async fn follow(&mut self, lease: &mut Held) -> Next {
-        let holder = match self.store.get(&self.key).await {
-            Ok(Some(kv)) => kv,
-            Ok(None) => return Next::Campaign,
+        // A range gives the holder and the revision it was read at; watching
+        // from the next revision cannot miss its deletion, and that revision
+        // is recent enough never to be compacted away.
+        let (holder, at) = match self.store.range(&self.key).await {
+            Ok(r) => (r.kvs.into_iter().find(|kv| kv.key == self.key), r.revision),
             Err(_) => return if self.pause(RETRY).await { Next::Stop } else { Next::Campaign },
         };
-        let mut events = match self.store.watch(&self.key, holder.mod_revision + 1).await {
+        if holder.is_none() {
+            return Next::Campaign;
+        }
+        let mut events = match self.store.watch(&self.key, at + 1).await {
             Ok(s) => s,
             Err(_) => return if self.pause(RETRY).await { Next::Stop } else { Next::Campaign },
         };

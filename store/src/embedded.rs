@@ -54,6 +54,26 @@ const BROADCAST_CAPACITY: usize = 4096;
 /// Longest the writer sleeps before it looks at lease deadlines again.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
 
+/// How much history the embedded store keeps by default, in revisions.
+pub const DEFAULT_HISTORY_REVISIONS: i64 = 100_000;
+/// Automatic compaction runs when this many revisions beyond the retention piled up.
+const AUTO_COMPACT_STEP: i64 = 1_000;
+
+/// Options of [`EmbeddedStore::open_with`].
+#[derive(Clone, Debug)]
+pub struct EmbeddedOptions {
+    /// Keep the history of this many latest revisions for watches and compact
+    /// older ones automatically (as etcd's `--auto-compaction-mode=revision`);
+    /// `None` keeps everything until [`crate::Store::compact`] is called.
+    pub history_revisions: Option<i64>,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions { history_revisions: Some(DEFAULT_HISTORY_REVISIONS) }
+    }
+}
+
 /// The embedded store: a single-node file store with the same semantics as etcd.
 ///
 /// The file stays open (and locked) until the store is dropped.
@@ -134,11 +154,20 @@ fn stopped() -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store file.
+    /// Opens (or creates) the store file with [`EmbeddedOptions::default`]
+    /// (history of the last [`DEFAULT_HISTORY_REVISIONS`] revisions).
     ///
     /// Leases found in the file get their full TTL again from now, as etcd does
     /// after a restart.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, EmbeddedOptions::default())
+    }
+
+    /// Opens (or creates) the store file with the given options.
+    pub fn open_with(path: &Path, options: EmbeddedOptions) -> Result<Self> {
+        if options.history_revisions.is_some_and(|n| n < 1) {
+            return Err(StoreError::Invalid("history_revisions must be at least 1".into()));
+        }
         let db = Database::create(path).db()?;
         let (revision, compacted, leases) = {
             let w = db.begin_write().db()?;
@@ -182,7 +211,7 @@ impl EmbeddedStore {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || Writer { shared: writer_shared }.run(rx))
+            .spawn(move || Writer { shared: writer_shared, retention: options.history_revisions }.run(rx))
             .map_err(|e| StoreError::Unavailable(format!("Cannot start the embedded store's writer: {e}")))?;
         Ok(EmbeddedStore { inner: Arc::new(Inner { shared, requests: Some(tx), writer: Some(writer) }) })
     }
@@ -349,6 +378,8 @@ impl crate::Store for EmbeddedStore {
 /// The single writer: group commit and lease expiry.
 struct Writer {
     shared: Arc<Shared>,
+    /// Revisions of history to keep; older ones are compacted automatically.
+    retention: Option<i64>,
 }
 
 /// An answer held back until the batch is committed.
@@ -557,6 +588,13 @@ impl Writer {
                             out.replies.push(Reply::Unit(reply, Ok(())));
                         }
                     }
+                }
+            }
+            if let Some(keep) = self.retention {
+                let target = revision - keep;
+                if target >= compacted + AUTO_COMPACT_STEP {
+                    t.compact(target)?;
+                    compacted = target;
                 }
             }
             t.meta.insert(META_REVISION, revision).db()?;

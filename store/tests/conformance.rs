@@ -875,3 +875,30 @@ fn record_decode_refuses_bad_bytes_without_panicking() {
     }
     assert!(record::try_encode(&HostV1 { name: "x".into(), cpus: 1 }).is_ok());
 }
+
+/// The embedded store compacts history beyond its retention by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_history_is_compacted_automatically() {
+    use store::embedded::EmbeddedOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions { history_revisions: Some(10) };
+    let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open_with(&dir.path().join("s.redb"), options).unwrap());
+    let first = put(&s, "/h/k", "0").await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..140 {
+                s.put(&format!("/h/{t}"), i.to_string().into_bytes()).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last = s.revision().await.unwrap();
+    assert!(last >= first + 1120);
+    assert!(matches!(s.watch("/h/", first).await, Err(StoreError::Compacted { .. })));
+    let mut w = s.watch("/h/", last - 9).await.unwrap();
+    assert_eq!(collect_until(&mut w, last).await.len(), 10, "the last 10 revisions are kept");
+}
