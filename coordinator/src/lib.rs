@@ -4,6 +4,7 @@
 //! a replica that another replica would need. `server::build` is the one place
 //! that assembles a replica.
 
+pub mod compute;
 pub mod config;
 pub mod error;
 pub mod hosts;

@@ -53,6 +53,7 @@ fn inventory(hostname: &str) -> HostInventory {
         instance_pool: Some(DiskPool { path: "/srv".into(), total_gb: 50, free_gb: 40 }),
         cpu_traits: vec!["HW_CPU_X86_AVX2".into(), "HW_CPU_X86_SSE42".into()],
         cpu_model: None,
+        host_ip: None,
         sriov_pfs: vec![SriovPf {
             interface: "ens1f0".into(),
             pci_address: "0000:03:00.0".into(),

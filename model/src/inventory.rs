@@ -30,6 +30,9 @@ pub struct HostInventory {
     /// SR-IOV capable network interfaces (physical functions), sorted by interface name.
     #[serde(default)]
     pub sriov_pfs: Vec<SriovPf>,
+    /// The address the host reaches the coordinator from (its management IP).
+    #[serde(default)]
+    pub host_ip: Option<String>,
 }
 
 /// One NUMA node.

@@ -114,6 +114,7 @@ mod tests {
             instance_pool: Some(DiskPool { path: "/var/lib/x".into(), total_gb: 100, free_gb: 80 }),
             cpu_traits: vec!["HW_CPU_X86_AVX2".into(), "HW_CPU_X86_SSE42".into()],
             cpu_model: None,
+            host_ip: None,
             sriov_pfs: vec![SriovPf {
                 interface: "ens1f0".into(),
                 pci_address: "0000:03:00.0".into(),
