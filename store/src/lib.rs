@@ -12,6 +12,8 @@
 //!   events of one revision always arrive together in one [`WatchResponse`];
 //! - leases with a TTL whose keys vanish when the lease expires.
 
+#![warn(missing_docs)]
+
 use std::pin::Pin;
 
 use async_trait::async_trait;
@@ -29,7 +31,9 @@ pub type LeaseId = i64;
 /// A key with its value and bookkeeping, as etcd reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyValue {
+    /// The key.
     pub key: String,
+    /// The value (empty in a delete event).
     pub value: Vec<u8>,
     /// Revision of the write that created this key (since its last deletion).
     pub create_revision: i64,
@@ -57,10 +61,30 @@ pub enum Compare {
 /// One operation of a transaction.
 #[derive(Clone, Debug)]
 pub enum Op {
-    Put { key: String, value: Vec<u8>, lease: LeaseId },
-    Delete { key: String },
-    DeletePrefix { prefix: String },
-    Get { key: String },
+    /// Writes `value` at `key`, attached to `lease` (0 for none).
+    Put {
+        /// The key written.
+        key: String,
+        /// The new value.
+        value: Vec<u8>,
+        /// Lease the key is attached to, 0 for none.
+        lease: LeaseId,
+    },
+    /// Deletes one key.
+    Delete {
+        /// The key deleted.
+        key: String,
+    },
+    /// Deletes every key starting with `prefix`.
+    DeletePrefix {
+        /// The prefix; "" means every key.
+        prefix: String,
+    },
+    /// Reads one key (seeing earlier writes of the same transaction).
+    Get {
+        /// The key read.
+        key: String,
+    },
 }
 
 impl Op {
@@ -89,23 +113,30 @@ impl Op {
 /// A compare-and-swap transaction: if every compare holds, run `success`, else `failure`.
 #[derive(Clone, Debug, Default)]
 pub struct Txn {
+    /// Conditions that must all hold for `success` to run.
     pub compares: Vec<Compare>,
+    /// Operations run when every compare holds.
     pub success: Vec<Op>,
+    /// Operations run otherwise.
     pub failure: Vec<Op>,
 }
 
 impl Txn {
+    /// An empty transaction (no compares: it always succeeds).
     pub fn new() -> Self {
         Self::default()
     }
+    /// Adds a condition.
     pub fn when(mut self, c: Compare) -> Self {
         self.compares.push(c);
         self
     }
+    /// Adds an operation to run when the compares hold.
     pub fn and_then(mut self, op: Op) -> Self {
         self.success.push(op);
         self
     }
+    /// Adds an operation to run when a compare fails.
     pub fn or_else(mut self, op: Op) -> Self {
         self.failure.push(op);
         self
@@ -165,9 +196,11 @@ pub const MAX_TXN_OPS: usize = 128;
 /// The result of one operation of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpResult {
+    /// A put was done.
     Put,
     /// Number of keys deleted.
     Delete(i64),
+    /// The key read, if it exists.
     Get(Option<KeyValue>),
 }
 
@@ -185,14 +218,18 @@ pub struct TxnResponse {
 /// A prefix read and the revision it was taken at.
 #[derive(Clone, Debug)]
 pub struct RangeResponse {
+    /// The keys found, sorted by key.
     pub kvs: Vec<KeyValue>,
+    /// Store revision the read was taken at.
     pub revision: i64,
 }
 
 /// Kind of a watch event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
+    /// A key was created or changed.
     Put,
+    /// A key was deleted (also by lease expiry or revoke).
     Delete,
 }
 
@@ -200,13 +237,16 @@ pub enum EventKind {
 /// `kv.mod_revision` is the revision of the delete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
+    /// What happened.
     pub kind: EventKind,
+    /// The key after the change.
     pub kv: KeyValue,
 }
 
 /// All events of one or more whole revisions, in revision order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchResponse {
+    /// The events, in revision order and, within a revision, in operation order.
     pub events: Vec<Event>,
 }
 
@@ -216,16 +256,31 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = std::result::Result<WatchRespon
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The requested revision is older than the compaction point.
     #[error("Revision {requested} was compacted; oldest available is {compacted}")]
-    Compacted { requested: i64, compacted: i64 },
+    Compacted {
+        /// The revision asked for.
+        requested: i64,
+        /// The oldest revision still available (0 if the backend cannot tell).
+        compacted: i64,
+    },
+    /// The lease does not exist (never granted, expired or revoked).
     #[error("Lease {0} not found or expired")]
     LeaseNotFound(LeaseId),
+    /// The store cannot be reached or failed to write; the request may be retried.
     #[error("Store unavailable: {0}")]
     Unavailable(String),
+    /// The request is malformed and would never succeed.
     #[error("Invalid request to the store: {0}")]
     Invalid(String),
+    /// Stored data could not be decoded.
     #[error("Corrupt record at {key}: {reason}")]
-    Corrupt { key: String, reason: String },
+    Corrupt {
+        /// Where the bad data is.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Shorthand for store results.

@@ -38,10 +38,20 @@ pub enum EtcdServerError {
     Io(#[from] std::io::Error),
     /// etcd exited while starting.
     #[error("etcd exited while starting ({status}); its log ends with:\n{log}")]
-    Exited { status: String, log: String },
+    Exited {
+        /// How it exited.
+        status: String,
+        /// The end of its log.
+        log: String,
+    },
     /// etcd did not answer its health check in time.
     #[error("etcd did not become healthy within {secs} s; its log ends with:\n{log}")]
-    NotReady { secs: u64, log: String },
+    NotReady {
+        /// How long we waited.
+        secs: u64,
+        /// The end of its log.
+        log: String,
+    },
 }
 
 /// A running (or stopped) etcd with its own data directory; killed and removed on drop.

@@ -132,7 +132,7 @@ async fn next_response(w: &mut WatchStream) -> WatchResponse {
 /// checks that nothing more arrives for a moment.
 async fn collect_until(w: &mut WatchStream, last_revision: i64) -> Vec<Event> {
     let mut events = Vec::new();
-    while events.last().map_or(true, |e: &Event| e.kv.mod_revision < last_revision) {
+    while events.last().is_none_or(|e: &Event| e.kv.mod_revision < last_revision) {
         events.extend(next_response(w).await.events);
     }
     assert_quiet(w).await;
