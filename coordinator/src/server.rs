@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::identity::routes())
         .nest("/placement", crate::placement::routes())
+        .merge(crate::placement::root_routes())
         .nest("/compute", crate::compute::routes())
         .nest("/agent/v1", crate::hosts::agent_routes())
         .nest("/edge/v1", crate::hosts::admin_routes())
@@ -164,6 +165,8 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     tracing::info!(%addr, public_url = %config.public_url, backend = %config.store.backend, "coordinator listening");
     let result = match &config.tls {
         Some(tls) => {
+            // Several crypto providers are linked in; choose one for the process.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.map_err(StartError::Tls)?;
             axum_server::bind_rustls(addr, rustls).handle(handle).serve(app.into_make_service()).await
         }
