@@ -18,6 +18,8 @@
  *   guest.blkwrite     write the last disk sector and read it back
  *   guest.rngbytes=N   read N bytes from virtio-rng and print them
  *   guest.blkbeat      re-read the first disk sectors at every heartbeat
+ *   guest.fill=MiB     write a pattern over guest memory from 4 MiB up (benchmarks)
+ *   guest.blkbench=MiB read that much of the disk in 64 KiB requests (benchmarks)
  *
  * Built with -DHOSTILE it first feeds malformed requests to its devices.
  */
@@ -574,6 +576,27 @@ static void kbd_poll(void) {
     }
 }
 
+static u8 bigbuf[65536] __attribute__((aligned(4096)));
+static void blk_bench(u64 mib) {
+    u64 sectors = mib * 2048, s, sum = 0;
+    u64 cap = rd32(blk_base + VM_CONFIG) | ((u64)rd32(blk_base + VM_CONFIG + 4) << 32);
+    if (sectors > cap) sectors = cap;
+    puts("blkbench: start\n");
+    for (s = 0; s + 128 <= sectors; s += 128) {
+        if (blk_req(0, s, bigbuf, sizeof(bigbuf), 1) != 0) { puts("blkbench: error\n"); return; }
+        sum += bigbuf[0];
+    }
+    puts("blkbench: done "); putdec(s * 512); puts(" bytes sum="); putdec(sum); putc('\n');
+}
+
+static void fill_memory(u64 mib) {
+    u64 start = 4ul << 20, end = mib << 20, n;
+    if (end <= start) return;
+    n = (end - start) / 8;
+    __asm__ volatile("rep stosq" : "+D"(start), "+c"(n) : "a"(0x5a5a5a5a5a5a5a5aul) : "memory");
+    puts("guest: filled "); putdec(mib); puts(" MiB\n");
+}
+
 #ifdef HOSTILE
 /* Feeds malformed requests to the block device and reports what it saw. */
 static void hostile_case(const char *name, int which) {
@@ -642,6 +665,8 @@ void guest_main(u8 *boot_params) {
     hostile();
 #endif
     if (blk_base) blk_test(arg("guest.blkwrite") != 0);
+    if (blk_ready && (v = arg("guest.blkbench="))) blk_bench(parse_num(v, 0));
+    if ((v = arg("guest.fill="))) fill_memory(parse_num(v, 0));
     if (rng_base && (v = arg("guest.rngbytes="))) rng_test((u32)parse_num(v, 0));
     if (net_base) {
         if (net_init()) { puts("net: init failed\n"); net_base = 0; }

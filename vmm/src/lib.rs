@@ -15,6 +15,7 @@ pub mod machine;
 pub mod seccomp;
 pub mod snapshot;
 pub mod state_file;
+pub mod timing;
 pub mod vstate;
 
 /// Path of the freestanding test guest built by build.rs.

@@ -309,6 +309,7 @@ impl Vmm {
             "memory_mib": self.config.machine.memory_mib,
             "memory_backend": self.config.machine.memory_backend,
             "dirty_log": self.vm.dirty_log_enabled(),
+            "boot_timing": crate::timing::json(),
             "devices": self.virtio.iter().map(|s| {
                 let t = s.transport.lock().unwrap();
                 serde_json::json!({

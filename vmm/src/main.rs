@@ -77,6 +77,15 @@ fn parse_args() -> Result<Option<Args>, String> {
 }
 
 fn main() -> ExitCode {
+    vmm::timing::mark(&vmm::timing::MAIN_START);
+    let code = run();
+    if std::env::var_os("VMM_TIMING").is_some() {
+        eprintln!("vmm: timing {}", vmm::timing::json());
+    }
+    code
+}
+
+fn run() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(a)) => a,
         Ok(None) => {

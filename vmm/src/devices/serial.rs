@@ -91,6 +91,12 @@ pub fn read_tail(p: &Path, max: u64) -> io::Result<Vec<u8>> {
 
 impl Write for ConsoleLog {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.total == 0 {
+            crate::timing::mark(&crate::timing::FIRST_SERIAL_BYTE);
+        }
+        if buf.contains(&b'\n') {
+            crate::timing::mark(&crate::timing::FIRST_SERIAL_LINE);
+        }
         self.total += buf.len() as u64;
         if self.file.is_some() && self.written + buf.len() as u64 > self.cap {
             self.rotate()?;

@@ -313,7 +313,9 @@ fn run_loop(
             }
         }
         let mut fd = s.fd.lock().unwrap();
-        s.counters.exits.fetch_add(1, Ordering::Relaxed);
+        if s.counters.exits.fetch_add(1, Ordering::Relaxed) == 0 {
+            crate::timing::mark(&crate::timing::FIRST_KVM_RUN);
+        }
         match fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => {
