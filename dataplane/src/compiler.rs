@@ -39,6 +39,17 @@ pub struct HostConfig {
     pub uplinks: BTreeMap<String, u32>,
     /// Logical port id to datapath port, for the ports attached here.
     pub ports: BTreeMap<String, u32>,
+    /// The metadata service's tap, when the host serves metadata.
+    pub metadata: Option<MetadataPort>,
+}
+
+/// Where the metadata service is attached (see [`crate::metadata`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataPort {
+    /// Datapath port of the service's tap.
+    pub port: u32,
+    /// The tap's MAC.
+    pub mac: MacAddr,
 }
 
 /// A neighbour learned by ARP: (logical network, IPv4 address) to MAC.
@@ -397,7 +408,43 @@ impl Compiler {
                 break;
             }
         }
+        if let Some(mp) = c.host.metadata {
+            Self::metadata(c, ids, local, routers, mp);
+        }
         c.rule(table::LOCAL, 0, M::any(), vec![Action::Goto(table::EGRESS_SG)], "not for a local responder");
+    }
+
+    /// Metadata: each local port's TCP to 169.254.169.254:80 goes to the
+    /// service's tap with its source translated to the port's client address;
+    /// the answers come back translated to the port's address.
+    fn metadata(c: &mut Ctx, ids: &mut Ids, local: &[&Port], routers: &[&Router], mp: MetadataPort) {
+        use crate::metadata::{client_addr, METADATA_IP, METADATA_PORT, PEER_MAC};
+        let service = IpAddr::V4(METADATA_IP);
+        for p in local.iter().filter(|p| p.admin_state_up) {
+            let Some(f) = p.fixed_ips.iter().find(|f| f.ip_address.is_ipv4()) else { continue };
+            let lp = ids.get('p', &p.id);
+            let net = ids.get('n', &p.network_id);
+            let dp = c.host.ports[&p.id];
+            let gw_mac = routers.iter().flat_map(|r| r.interfaces.iter()).find(|i| i.subnet_id == f.subnet_id).map(|i| i.mac_address).unwrap_or(SERVICE_MAC);
+            let client = IpAddr::V4(client_addr(lp));
+            c.rule(table::LOCAL, 120, M::any().reg(reg::INPORT, lp).eth_type(ethertype::ARP).proto(1).ip_dst(host_net(service)), vec![Action::ArpReply(gw_mac), Action::OutputInPort], format!("ARP {METADATA_IP} for port {}", p.id));
+            c.rule(
+                table::LOCAL,
+                120,
+                M::any().reg(reg::INPORT, lp).eth_type(ethertype::IPV4).ip_src(host_net(f.ip_address)).ip_dst(host_net(service)).proto(proto::TCP).l4_dst(METADATA_PORT, 0xffff),
+                vec![Action::SetIpSrc(ip_bytes(client)), Action::SetEthSrc(PEER_MAC), Action::SetEthDst(mp.mac), Action::Output(mp.port)],
+                format!("metadata request of port {} as {client}", p.id),
+            );
+            c.rule(
+                table::CLASSIFY,
+                100,
+                M::any().in_port(mp.port).eth_type(ethertype::IPV4).ip_src(host_net(service)).ip_dst(host_net(client)).proto(proto::TCP).l4_src(METADATA_PORT, 0xffff),
+                vec![Action::SetReg(reg::NET, net), Action::SetIpDst(ip_bytes(f.ip_address)), Action::SetEthSrc(gw_mac), Action::SetEthDst(p.mac_address), Action::Output(dp)],
+                format!("metadata answer to port {}", p.id),
+            );
+        }
+        c.rule(table::CLASSIFY, 90, M::any().in_port(mp.port).eth_type(ethertype::ARP).proto(1), vec![Action::ArpReply(PEER_MAC), Action::OutputInPort], "metadata service ARP for its clients");
+        c.rule(table::CLASSIFY, 10, M::any().in_port(mp.port), vec![Action::Drop("metadata service: not for a local port")], "metadata service, anything else");
     }
 
     fn security_groups(c: &mut Ctx, ids: &mut Ids, p: &Port) {
@@ -406,9 +453,13 @@ impl Compiler {
         let out = c.host.ports[&p.id];
         if !p.security_enabled(n) {
             c.rule(table::INGRESS_SG, 100, M::any().reg(reg::OUTPORT, lp), vec![Action::Output(out)], format!("to port {} (no port security)", p.id));
+            if p.admin_state_up {
+                c.rule(table::FLOOD_SG, 100, M::any().reg(reg::OUTPORT, lp), vec![Action::Output(out)], format!("flood to port {} (no port security)", p.id));
+            }
             return;
         }
         let zone = lp as u16;
+        Self::flood_filter(c, p, lp, out);
         for (tbl, dir, reg_, mark, after) in [
             (table::EGRESS_SG, Direction::Egress, reg::INPORT, MARK_EGRESS, vec![Action::Goto(table::L2)]),
             (table::INGRESS_SG, Direction::Ingress, reg::OUTPORT, MARK_INGRESS, vec![Action::Output(out)]),
@@ -446,6 +497,33 @@ impl Compiler {
         }
     }
 
+    /// Flooded copies (broadcast, multicast, unknown unicast) into port `p`:
+    /// its ingress rules decide statelessly, as a new connection would be.
+    fn flood_filter(c: &mut Ctx, p: &Port, lp: u32, out: u32) {
+        if !p.admin_state_up {
+            return;
+        }
+        let base = M::any().reg(reg::OUTPORT, lp);
+        let give = vec![Action::Output(out)];
+        for t in 133..=137u16 {
+            c.rule(table::FLOOD_SG, 250, base.eth_type(ethertype::IPV6).proto(proto::ICMPV6).l4_src(t, 0xffff), give.clone(), format!("flooded ND to port {}", p.id));
+        }
+        for gid in &p.security_groups {
+            let Some(g) = c.model.security_groups.iter().find(|g| &g.id == gid) else { continue };
+            for rule in g.rules.iter().filter(|r| r.direction == Direction::Ingress) {
+                for m in rule_matches(c.model, rule, Direction::Ingress) {
+                    let mut mm = base;
+                    merge(&mut mm, &m);
+                    c.rule(table::FLOOD_SG, 100, mm, give.clone(), format!("security group {gid} rule {} lets a flooded copy into port {}", rule.id, p.id));
+                }
+            }
+        }
+        for et in [ethertype::IPV4, ethertype::IPV6] {
+            c.rule(table::FLOOD_SG, 10, base.eth_type(et), vec![Action::Drop("flooded copy refused by ingress security group")], format!("flooded IP into port {} not allowed", p.id));
+        }
+        c.rule(table::FLOOD_SG, 5, base, give, format!("flooded non-IP into port {}", p.id));
+    }
+
     fn l2(c: &mut Ctx, ids: &mut Ids, nets: &BTreeSet<&str>, routers: &[&Router]) {
         let model = c.model;
         c.rule(table::EGRESS_SG, 0, M::any(), vec![Action::Goto(table::L2)], "no security group");
@@ -470,8 +548,9 @@ impl Compiler {
                 let mut macs = vec![q.mac_address];
                 macs.extend(q.allowed_address_pairs.iter().filter_map(|a| a.mac_address));
                 macs.dedup();
-                let actions = if let Some(dp) = c.host.ports.get(&q.id) {
-                    flood.push(Action::Output(*dp));
+                let actions = if c.host.ports.contains_key(&q.id) {
+                    // Each local port's copy passes that port's security groups.
+                    flood.extend([Action::SetReg(reg::OUTPORT, lq), Action::Resubmit(table::FLOOD_SG)]);
                     vec![Action::SetReg(reg::OUTPORT, lq), Action::Goto(table::INGRESS_SG)]
                 } else if let Some(h) = q.binding_host.as_deref().filter(|h| *h != c.host.name) {
                     match (&n.segment, c.host.tunnel_port, model.host(h).and_then(|h| v4(h.tunnel_ip))) {
@@ -750,6 +829,7 @@ mod tests {
             tunnel_port: Some(1),
             uplinks: [("physnet1".to_string(), 2)].into_iter().collect(),
             ports: [("a1".to_string(), 10), ("a3".to_string(), 11), ("b1".to_string(), 12)].into_iter().collect(),
+            metadata: None,
         }
     }
 

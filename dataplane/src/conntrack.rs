@@ -314,6 +314,23 @@ impl Conntrack {
         }
     }
 
+    /// The state a packet described by `key` would get in `zone`, without
+    /// changing anything (for traces): established (and reply) when its tuple
+    /// is known, else new. ICMP echo ids are not in a flow key, so echoes are
+    /// looked up with id 0.
+    pub fn peek(&self, key: &FlowKey, zone: u16) -> u8 {
+        let (sport, dport) = match key.ip_proto {
+            proto::TCP | proto::UDP => (key.l4_src, key.l4_dst),
+            _ => (0, 0),
+        };
+        let t = Tuple { zone, proto: key.ip_proto, src: key.ip_src, dst: key.ip_dst, sport, dport };
+        match self.index.get(&t) {
+            Some((_, true)) => ct_state::TRACKED | ct_state::ESTABLISHED | ct_state::REPLY,
+            Some((_, false)) => ct_state::TRACKED | ct_state::ESTABLISHED,
+            None => ct_state::TRACKED | ct_state::NEW,
+        }
+    }
+
     /// Picks a source port (or ICMP id) for SNAT so that the reply tuple is unused.
     fn free_port(&self, reply: &Tuple, kind: IcmpKind, lo: u16, hi: u16) -> Option<u16> {
         let _ = kind;

@@ -16,7 +16,7 @@ use crate::flow::FlowKey;
 use crate::mac::MacAddr;
 use crate::packet::{self, Layout, ParseError};
 use crate::pipeline::{DpAction, Pipeline, RecircTable, TraceStep, Translation};
-use crate::ports::{AfPacket, Tunnel};
+use crate::ports::{AfPacket, Tap, Tunnel};
 
 /// Packets received per port per poll.
 pub const BURST: usize = 32;
@@ -52,6 +52,10 @@ pub enum PortKind {
     AfPacket(AfPacket),
     /// The VXLAN tunnel port.
     Tunnel(Tunnel),
+    /// A port with rings of its own (vhost-user, DPDK ethdev), polled in bursts.
+    Burst(Box<dyn crate::ports::BurstPort>),
+    /// An internal tap interface.
+    Tap(Tap),
 }
 
 /// Per-port counters.
@@ -191,6 +195,8 @@ impl Engine {
         let fd = match &kind {
             PortKind::AfPacket(p) => p.fd(),
             PortKind::Tunnel(t) => t.fd(),
+            PortKind::Burst(b) => b.fd(),
+            PortKind::Tap(t) => t.fd(),
         };
         let port = Arc::new(Port { name: name.to_string(), io: Mutex::new(kind), fd, counters: PortCounters::default() });
         let mut ports = self.shared.ports.write().expect("ports lock");
@@ -247,6 +253,11 @@ impl Engine {
     /// Conntrack entries as text.
     pub fn connections(&self) -> Vec<String> {
         self.shared.conntrack.lock().expect("conntrack lock").connections().map(|c| c.to_string()).collect()
+    }
+
+    /// The conntrack state `key` would get in `zone` (for traces; changes nothing).
+    pub fn conntrack_peek(&self, key: &FlowKey, zone: u16) -> u8 {
+        self.shared.conntrack.lock().expect("conntrack lock").peek(key, zone)
     }
 
     /// Drops connections that `keep` rejects (after a security group change).
@@ -539,8 +550,30 @@ impl Worker {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
     }
 
+    /// Receives a burst from a port with its own rings straight into the worker's buffers.
+    fn recv_burst_ring(p: &mut dyn crate::ports::BurstPort, bufs: &mut [Buf], meta: &mut [(u32, Ipv4Addr)]) -> usize {
+        let mut lens = [0usize; BURST];
+        let n = {
+            let mut it = bufs.iter_mut();
+            let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
+                let b = it.next().expect("BURST buffers");
+                b.start = HEADROOM;
+                &mut b.data[HEADROOM..]
+            });
+            p.recv_burst(&mut slices, &mut lens)
+        };
+        for i in 0..n {
+            bufs[i].len = lens[i];
+            meta[i] = (0, Ipv4Addr::UNSPECIFIED);
+        }
+        n
+    }
+
     fn recv_burst(&mut self, port: &Port) -> usize {
         let mut io = port.io.lock().expect("port lock");
+        if let PortKind::Burst(p) = &mut *io {
+            return Self::recv_burst_ring(&mut **p, &mut self.bufs, &mut self.meta);
+        }
         let mut n = 0;
         while n < BURST {
             let b = &mut self.bufs[n];
@@ -548,6 +581,8 @@ impl Worker {
             let got = match &mut *io {
                 PortKind::AfPacket(p) => p.recv(&mut b.data[HEADROOM..]).map(|l| (l, 0, Ipv4Addr::UNSPECIFIED)),
                 PortKind::Tunnel(t) => t.recv(&mut b.data[HEADROOM..]),
+                PortKind::Burst(_) => None,
+                PortKind::Tap(t) => t.recv(&mut b.data[HEADROOM..]).map(|l| (l, 0, Ipv4Addr::UNSPECIFIED)),
             };
             let Some((len, vni, remote)) = got else { break };
             b.len = len;
@@ -755,6 +790,8 @@ impl Worker {
         let ok = match (&mut *p.io.lock().expect("port lock"), tunnel) {
             (PortKind::AfPacket(a), None) => a.send(frame),
             (PortKind::Tunnel(t), Some((vni, remote))) => t.send(frame, vni, remote),
+            (PortKind::Burst(b), None) => b.send(frame),
+            (PortKind::Tap(t), None) => t.send(frame),
             _ => false,
         };
         if ok {
@@ -771,8 +808,10 @@ impl Worker {
         for i in 0..self.touched.len() {
             let port = self.touched[i];
             if let Some(Some(p)) = self.ports.get(port as usize - 1) {
-                if let PortKind::AfPacket(a) = &mut *p.io.lock().expect("port lock") {
-                    a.flush();
+                match &mut *p.io.lock().expect("port lock") {
+                    PortKind::AfPacket(a) => a.flush(),
+                    PortKind::Burst(b) => b.flush(),
+                    _ => {}
                 }
             }
         }

@@ -35,12 +35,15 @@ pub mod table {
     pub const SNAT_IN: u8 = 10;
     /// Security groups, traffic entering a port (stateful), then output.
     pub const INGRESS_SG: u8 = 11;
+    /// Security groups of a port receiving a flooded (broadcast, multicast)
+    /// copy: stateless, resubmitted once per receiving port.
+    pub const FLOOD_SG: u8 = 12;
     /// Number of tables.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
 
     /// A name for each table, for `show pipeline` and traces.
     pub fn name(t: u8) -> &'static str {
-        ["classify", "port_security", "local", "egress_sg", "l2", "route", "ext_out", "snat_out", "ext_route", "neighbor", "snat_in", "ingress_sg"]
+        ["classify", "port_security", "local", "egress_sg", "l2", "route", "ext_out", "snat_out", "ext_route", "neighbor", "snat_in", "ingress_sg", "flood_sg"]
             .get(t as usize)
             .copied()
             .unwrap_or("?")
@@ -124,6 +127,9 @@ pub enum Action {
     },
     /// Continue in another table.
     Goto(u8),
+    /// Run another table, then continue with the next action here (a miss or
+    /// a drop there only ends that branch). Used to filter flooded copies.
+    Resubmit(u8),
     /// Conntrack; with `recirc`, the packet continues in that table with `ct_state` set.
     Ct(CtAction, Option<u8>),
     /// Turn an ARP request into the reply for its target with this MAC.
@@ -397,11 +403,30 @@ pub struct Translation {
 pub struct TraceStep {
     /// Table.
     pub table: u8,
+    /// Nesting depth (resubmits).
+    pub depth: u8,
     /// Matched rule (priority, note, actions), or None for a miss.
     pub rule: Option<(u16, String, Vec<Action>)>,
 }
 
-const MAX_STEPS: usize = 64;
+const MAX_STEPS: usize = 256;
+const MAX_DEPTH: u8 = 4;
+
+/// Whether translation goes on after a table run.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// The state of one translation.
+struct Run<'r, 't> {
+    k: FlowKey,
+    wc: FlowKey,
+    out: Vec<DpAction>,
+    recirc: &'r mut RecircTable,
+    trace: Option<&'t mut Vec<TraceStep>>,
+    steps: usize,
+}
 
 impl Pipeline {
     /// Builds the classifier over `rules`.
@@ -425,7 +450,7 @@ impl Pipeline {
 
     /// Runs `key` through the tables. `recirc` resolves recirculation ids of
     /// ct() actions; `trace` records each step when given.
-    pub fn translate(&self, key: &FlowKey, recirc: &mut RecircTable, mut trace: Option<&mut Vec<TraceStep>>) -> Translation {
+    pub fn translate(&self, key: &FlowKey, recirc: &mut RecircTable, trace: Option<&mut Vec<TraceStep>>) -> Translation {
         let mut k = *key;
         let mut wc = FlowKey::default();
         // Always exact on the metadata that selects where we start.
@@ -444,32 +469,48 @@ impl Pipeline {
                 }
             }
         }
-        let mut out = Vec::new();
-        let mut steps = 0;
+        let mut run = Run { k, wc, out: Vec::new(), recirc, trace, steps: 0 };
+        self.run(table_id, &mut run, 0);
+        let Run { mut out, wc, .. } = run;
+        if !out.iter().any(|a| !matches!(a, DpAction::Drop(_))) && !matches!(out.last(), Some(DpAction::Drop(_))) {
+            out.push(DpAction::Drop("no output"));
+        }
+        Translation { actions: out, mask: finish_mask(wc) }
+    }
+
+    /// Runs tables from `table_id` until a rule ends without a Goto. At depth 0
+    /// a miss or drop ends the packet; deeper (inside a resubmit) it only ends
+    /// the branch.
+    fn run(&self, mut table_id: u8, r: &mut Run<'_, '_>, depth: u8) -> Flow {
+        let nested = depth > 0;
         'tables: loop {
-            steps += 1;
-            if steps > MAX_STEPS {
-                out.push(DpAction::Drop("pipeline loop"));
-                break;
+            r.steps += 1;
+            if r.steps > MAX_STEPS {
+                r.out.push(DpAction::Drop("pipeline loop"));
+                return Flow::Stop;
             }
             let Some(t) = self.tables.get(table_id as usize) else {
-                out.push(DpAction::Drop("no such table"));
-                break;
+                r.out.push(DpAction::Drop("no such table"));
+                return Flow::Stop;
             };
-            let Some(ri) = t.lookup(&k, &self.rules, &mut wc) else {
-                if let Some(tr) = trace.as_deref_mut() {
-                    tr.push(TraceStep { table: table_id, rule: None });
+            let Some(ri) = t.lookup(&r.k, &self.rules, &mut r.wc) else {
+                if let Some(tr) = r.trace.as_deref_mut() {
+                    tr.push(TraceStep { table: table_id, depth, rule: None });
                 }
-                out.push(DpAction::Drop(miss_reason(table_id)));
-                break;
+                if nested {
+                    return Flow::Continue;
+                }
+                r.out.push(DpAction::Drop(miss_reason(table_id)));
+                return Flow::Stop;
             };
             let rule = &self.rules[ri];
-            if let Some(tr) = trace.as_deref_mut() {
-                tr.push(TraceStep { table: table_id, rule: Some((rule.priority, rule.note.clone(), rule.actions.clone())) });
+            if let Some(tr) = r.trace.as_deref_mut() {
+                tr.push(TraceStep { table: table_id, depth, rule: Some((rule.priority, rule.note.clone(), rule.actions.clone())) });
             }
             for a in &rule.actions {
+                let Run { k, wc, out, recirc, .. } = &mut *r;
                 match a {
-                    Action::SetReg(r, v) => k.regs[*r] = *v,
+                    Action::SetReg(i, v) => k.regs[*i] = *v,
                     Action::SetNexthop(n) => k.nexthop = *n,
                     Action::SetEthSrc(m) => {
                         k.eth_src = m.0;
@@ -492,7 +533,7 @@ impl Pipeline {
                         wc.ip_ttl = u8::MAX;
                         if k.ip_ttl <= 1 {
                             out.push(DpAction::Drop("TTL expired"));
-                            break 'tables;
+                            return Flow::Stop;
                         }
                         k.ip_ttl -= 1;
                         out.push(DpAction::DecTtl);
@@ -512,11 +553,20 @@ impl Pipeline {
                         table_id = *t;
                         continue 'tables;
                     }
+                    Action::Resubmit(t) => {
+                        if depth >= MAX_DEPTH {
+                            out.push(DpAction::Drop("resubmit too deep"));
+                            return Flow::Stop;
+                        }
+                        if let Flow::Stop = self.run(*t, r, depth + 1) {
+                            return Flow::Stop;
+                        }
+                    }
                     Action::Ct(ct, next) => match next {
                         Some(t) => {
                             let id = recirc.id(Frozen { table: *t, regs: k.regs, nexthop: k.nexthop });
                             out.push(DpAction::Ct(*ct, id));
-                            break 'tables;
+                            return Flow::Stop;
                         }
                         None => out.push(DpAction::Ct(*ct, 0)),
                     },
@@ -529,7 +579,7 @@ impl Pipeline {
                         let target = if k.nexthop != [0; 16] { k.nexthop } else { k.ip_dst };
                         wc.ip_dst = [0xff; 16];
                         out.push(DpAction::ArpResolve { port: *port, vlan: *vlan, net: k.regs[reg::NET], target: target[12..16].try_into().unwrap_or([0; 4]) });
-                        break 'tables;
+                        return Flow::Stop;
                     }
                     Action::LearnNeighbor => {
                         // The learned pair comes from the packet: make it exact.
@@ -538,18 +588,17 @@ impl Pipeline {
                         out.push(DpAction::LearnNeighbor { net: k.regs[reg::NET] })
                     }
                     Action::Drop(why) => {
+                        if nested {
+                            return Flow::Continue;
+                        }
                         out.push(DpAction::Drop(why));
-                        break 'tables;
+                        return Flow::Stop;
                     }
                 }
             }
             // Rule ended without Goto: done.
-            break;
+            return Flow::Continue;
         }
-        if !out.iter().any(|a| !matches!(a, DpAction::Drop(_))) && !matches!(out.last(), Some(DpAction::Drop(_))) {
-            out.push(DpAction::Drop("no output"));
-        }
-        Translation { actions: out, mask: finish_mask(wc) }
     }
 
     /// Whether a new connection described by `key` (with `regs`) would be
@@ -656,6 +705,166 @@ pub fn describe_match(m: &Match) -> String {
     } else {
         parts.join(",")
     }
+}
+
+/// Describes a rule action in ovs-ofctl-like syntax.
+pub fn describe_action(a: &Action) -> String {
+    use crate::flow::ip_from_bytes;
+    match a {
+        Action::SetReg(r, v) => format!("set {}={v}", ["net", "inport", "outport", "router"].get(*r).copied().unwrap_or("reg?")),
+        Action::SetNexthop(n) => format!("set nexthop={}", ip_from_bytes(*n)),
+        Action::SetEthSrc(m) => format!("set eth_src={m}"),
+        Action::SetEthDst(m) => format!("set eth_dst={m}"),
+        Action::SetIpSrc(ip) => format!("set ip_src={}", ip_from_bytes(*ip)),
+        Action::SetIpDst(ip) => format!("set ip_dst={}", ip_from_bytes(*ip)),
+        Action::DecTtl => "dec_ttl".into(),
+        Action::PopVlan => "pop_vlan".into(),
+        Action::PushVlan(v) => format!("push_vlan:{v}"),
+        Action::Output(p) => format!("output:{p}"),
+        Action::OutputInPort => "output:in_port".into(),
+        Action::Tunnel { port, vni, remote } => format!("tunnel(port={port},vni={vni},remote={remote})"),
+        Action::Goto(t) => format!("goto:{}", table::name(*t)),
+        Action::Resubmit(t) => format!("resubmit:{}", table::name(*t)),
+        Action::Ct(ct, next) => {
+            let mut s = format!("ct(zone={}", ct.zone);
+            if ct.commit {
+                s.push_str(",commit");
+            }
+            match ct.nat {
+                Some(Nat::Snat { addr, port_min, port_max }) => s.push_str(&format!(",snat={addr}:{port_min}-{port_max}")),
+                Some(Nat::Reverse) => s.push_str(",nat"),
+                None => {}
+            }
+            if ct.mark != 0 {
+                s.push_str(&format!(",mark={}", ct.mark));
+            }
+            if let Some(t) = next {
+                s.push_str(&format!(",table={}", table::name(*t)));
+            }
+            s.push(')');
+            s
+        }
+        Action::ArpReply(m) => format!("arp_reply({m})"),
+        Action::NdAdvert(m) => format!("nd_advert({m})"),
+        Action::EchoReply(m) => format!("echo_reply({m})"),
+        Action::DhcpReply(i) => format!("dhcp_reply({i})"),
+        Action::RouterAdvert(i) => format!("router_advert({i})"),
+        Action::ArpResolve { port, vlan } => format!("arp_resolve(port={port},vlan={vlan})"),
+        Action::LearnNeighbor => "learn_neighbor".into(),
+        Action::Drop(why) => format!("drop({why})"),
+    }
+}
+
+/// Describes a list of rule actions.
+pub fn describe_actions(actions: &[Action]) -> String {
+    actions.iter().map(describe_action).collect::<Vec<_>>().join(",")
+}
+
+/// Describes a datapath action.
+pub fn describe_dp_action(a: &DpAction) -> String {
+    use crate::flow::ip_from_bytes;
+    match a {
+        DpAction::SetEthSrc(m) => format!("set eth_src={m}"),
+        DpAction::SetEthDst(m) => format!("set eth_dst={m}"),
+        DpAction::SetIpSrc(ip) => format!("set ip_src={}", ip_from_bytes(*ip)),
+        DpAction::SetIpDst(ip) => format!("set ip_dst={}", ip_from_bytes(*ip)),
+        DpAction::DecTtl => "dec_ttl".into(),
+        DpAction::PopVlan => "pop_vlan".into(),
+        DpAction::PushVlan(v) => format!("push_vlan:{v}"),
+        DpAction::Output(p) => format!("output:{p}"),
+        DpAction::OutputInPort => "output:in_port".into(),
+        DpAction::Tunnel { port, vni, remote } => format!("tunnel(port={port},vni={vni},remote={remote})"),
+        DpAction::Ct(ct, recirc) => describe_action(&Action::Ct(*ct, None)).trim_end_matches(')').to_string() + &format!(",recirc={recirc})"),
+        DpAction::ArpReply(m) => format!("arp_reply({m})"),
+        DpAction::NdAdvert(m) => format!("nd_advert({m})"),
+        DpAction::EchoReply(m) => format!("echo_reply({m})"),
+        DpAction::DhcpReply(i) => format!("dhcp_reply({i})"),
+        DpAction::RouterAdvert(i) => format!("router_advert({i})"),
+        DpAction::ArpResolve { port, target, .. } => format!("arp_resolve(port={port},target={})", Ipv4Addr::from(*target)),
+        DpAction::LearnNeighbor { net } => format!("learn_neighbor(net={net})"),
+        DpAction::Drop(why) => format!("drop({why})"),
+    }
+}
+
+/// A flow written as `field=value` pairs (comma or space separated), for traces.
+///
+/// Fields: `in_port` (number), `eth_src`, `eth_dst`, `eth_type`, `vlan`,
+/// `ip_src`, `ip_dst`, `ip_proto`, `ttl`, `l4_src`/`tp_src`, `l4_dst`/`tp_dst`,
+/// `icmp_type`, `icmp_code`, `arp_op`, `arp_sha`, `nd_target`, `tun_id`,
+/// `tun_src`, and the shorthands `arp`, `ip`, `ipv6`, `tcp`, `udp`, `icmp`,
+/// `icmp6`. Other `name=value` pairs are returned for the caller (such as
+/// `port=<logical port>`).
+pub fn parse_flow(text: &str) -> Result<(FlowKey, Vec<(String, String)>), String> {
+    use crate::flow::{ethertype, ip_bytes, proto};
+    let mut k = FlowKey { ip_ttl: 64, ..Default::default() };
+    let mut rest = Vec::new();
+    let num = |v: &str| -> Result<u64, String> {
+        let r = match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16),
+            None => v.parse(),
+        };
+        r.map_err(|_| format!("Bad number '{v}'"))
+    };
+    let mac = |v: &str| v.parse::<MacAddr>().map_err(|e| e.to_string());
+    let ip = |v: &str| v.parse::<std::net::IpAddr>().map_err(|_| format!("Bad IP address '{v}'"));
+    for item in text.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, value) = item.split_once('=').unwrap_or((item, ""));
+        match (name, value) {
+            ("arp", "") => {
+                k.eth_type = ethertype::ARP;
+                k.ip_proto = 1;
+            }
+            ("ip", "") => k.eth_type = ethertype::IPV4,
+            ("ipv6", "") => k.eth_type = ethertype::IPV6,
+            ("tcp" | "udp" | "icmp" | "tcp6" | "udp6" | "icmp6", "") => {
+                if k.eth_type == 0 {
+                    k.eth_type = if name.ends_with('6') { ethertype::IPV6 } else { ethertype::IPV4 };
+                }
+                k.ip_proto = match name.trim_end_matches('6') {
+                    "tcp" => proto::TCP,
+                    "udp" => proto::UDP,
+                    _ if name == "icmp6" => proto::ICMPV6,
+                    _ => proto::ICMP,
+                };
+            }
+            ("in_port", v) => k.in_port = num(v)? as u32,
+            ("eth_src" | "dl_src", v) => k.eth_src = mac(v)?.0,
+            ("eth_dst" | "dl_dst", v) => k.eth_dst = mac(v)?.0,
+            ("eth_type" | "dl_type", v) => k.eth_type = num(v)? as u16,
+            ("vlan", v) => k.vlan_tci = (num(v)? as u16 & 0x0fff) | 0x1000,
+            ("ip_src" | "nw_src" | "ipv6_src", v) => {
+                let a = ip(v)?;
+                if k.eth_type == 0 {
+                    k.eth_type = if a.is_ipv4() { ethertype::IPV4 } else { ethertype::IPV6 };
+                }
+                k.ip_src = ip_bytes(a);
+            }
+            ("ip_dst" | "nw_dst" | "ipv6_dst", v) => {
+                let a = ip(v)?;
+                if k.eth_type == 0 {
+                    k.eth_type = if a.is_ipv4() { ethertype::IPV4 } else { ethertype::IPV6 };
+                }
+                k.ip_dst = ip_bytes(a);
+            }
+            ("ip_proto" | "nw_proto" | "arp_op", v) => k.ip_proto = num(v)? as u8,
+            ("ttl" | "nw_ttl", v) => k.ip_ttl = num(v)? as u8,
+            ("l4_src" | "tp_src" | "icmp_type", v) => k.l4_src = num(v)? as u16,
+            ("l4_dst" | "tp_dst" | "icmp_code", v) => k.l4_dst = num(v)? as u16,
+            ("arp_sha", v) => k.arp_sha = mac(v)?.0,
+            ("nd_target", v) => k.nd_target = ip_bytes(ip(v)?),
+            ("tun_id", v) => k.tun_id = num(v)? as u32,
+            ("tun_src", v) => match ip(v)? {
+                std::net::IpAddr::V4(a) => k.tun_src = a.octets(),
+                _ => return Err("tun_src must be IPv4".into()),
+            },
+            (n, "") => return Err(format!("Unknown flow field '{n}'")),
+            (n, v) => rest.push((n.to_string(), v.to_string())),
+        }
+    }
+    if k.eth_type == ethertype::ARP && k.arp_sha == [0; 6] {
+        k.arp_sha = k.eth_src;
+    }
+    Ok((k, rest))
 }
 
 /// Builder for matches, so the compiler reads like the rules it writes.

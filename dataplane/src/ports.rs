@@ -1,6 +1,8 @@
 //! Datapath ports: AF_PACKET with memory-mapped TPACKET_V2 rings (any kernel
 //! interface: veth, tap, uplink NIC) and the VXLAN tunnel port (a UDP socket
 //! on the underlay). Sockets can be opened inside another network namespace.
+//! Ports with rings of their own (vhost-user, DPDK ethdev) implement
+//! [`BurstPort`].
 
 use std::ffi::CString;
 use std::io;
@@ -9,6 +11,20 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use crate::packet::{parse_vxlan, write_vxlan, VXLAN_HEADER_LEN, VXLAN_PORT};
+
+/// A port with rings of its own that the engine polls in bursts (vhost-user,
+/// DPDK ethdev). Implementations allocate nothing per packet.
+pub trait BurstPort: Send {
+    /// Receives up to `bufs.len()` frames: frame i is copied into `bufs[i]`
+    /// and its length stored in `lens[i]`. Returns how many were received.
+    fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize;
+    /// Queues one frame for transmission; false when it was dropped (no room).
+    fn send(&mut self, frame: &[u8]) -> bool;
+    /// Completes what was queued since the last flush (publish, notify the peer).
+    fn flush(&mut self);
+    /// A descriptor that turns readable when frames may be waiting (for poll(2)), or -1.
+    fn fd(&self) -> RawFd;
+}
 
 /// Errors opening or using a port.
 #[derive(Debug, thiserror::Error)]
@@ -323,4 +339,134 @@ impl Tunnel {
     pub fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// `struct ifreq` with the members we use (name, then flags or a hardware address).
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(ifname: &str) -> Result<IfReq, PortError> {
+        if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains('/') {
+            return Err(PortError::Sys { what: "interface name", source: io::Error::new(io::ErrorKind::InvalidInput, format!("Bad interface name '{ifname}' (1 to 15 characters)")) });
+        }
+        let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
+        r.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        Ok(r)
+    }
+}
+
+/// An internal tap port: a tap interface the datapath owns (for host services,
+/// router and test namespaces). The interface exists while the port does.
+pub struct Tap {
+    fd: OwnedFd,
+    /// The interface name.
+    pub ifname: String,
+}
+
+impl Tap {
+    /// Creates tap interface `ifname` (inside `netns` when given), sets its MAC
+    /// when given and brings it up.
+    pub fn create(ifname: &str, mac: Option<crate::mac::MacAddr>, netns: Option<&Path>) -> Result<Tap, PortError> {
+        let name = ifname.to_string();
+        let fd = in_netns(netns, move || create_tap(&name, mac))?;
+        Ok(Tap { fd, ifname: ifname.to_string() })
+    }
+
+    /// Creates the tap in the calling thread's network namespace.
+    pub fn create_here(ifname: &str, mac: Option<crate::mac::MacAddr>) -> Result<Tap, PortError> {
+        Ok(Tap { fd: create_tap(ifname, mac)?, ifname: ifname.to_string() })
+    }
+
+    /// Receives one frame into `out`, or None when nothing is waiting.
+    pub fn recv(&mut self, out: &mut [u8]) -> Option<usize> {
+        // SAFETY: reading into a buffer we own, of the length passed.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), out.as_mut_ptr() as *mut libc::c_void, out.len()) };
+        (n > 0).then_some(n as usize)
+    }
+
+    /// Sends one frame; false if the kernel refused it.
+    pub fn send(&mut self, frame: &[u8]) -> bool {
+        // SAFETY: writing from a slice we borrow, of its length.
+        unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len()) == frame.len() as isize }
+    }
+
+    /// The tap's file descriptor, for poll().
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn create_tap(ifname: &str, mac: Option<crate::mac::MacAddr>) -> Result<OwnedFd, PortError> {
+    let mut req = IfReq::new(ifname)?;
+    // SAFETY: opening a device node by a NUL-terminated path.
+    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(sys("open(/dev/net/tun)"));
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    req.data[..2].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out (40 bytes).
+    if unsafe { libc::ioctl(raw, TUNSETIFF as _, &mut req as *mut IfReq) } != 0 {
+        return Err(sys("TUNSETIFF"));
+    }
+    if let Some(mac) = mac {
+        let mut r = IfReq::new(ifname)?;
+        r.data[..2].copy_from_slice(&(libc::ARPHRD_ETHER as u16).to_ne_bytes());
+        r.data[2..8].copy_from_slice(&mac.0);
+        if_ioctl(libc::SIOCSIFHWADDR, &mut r, "SIOCSIFHWADDR")?;
+    }
+    set_up(ifname)?;
+    Ok(fd)
+}
+
+/// Runs an interface ioctl on a throw-away socket in the calling thread's namespace.
+fn if_ioctl(request: libc::c_ulong, req: &mut IfReq, what: &'static str) -> Result<(), PortError> {
+    // SAFETY: plain socket creation.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(sys("socket(AF_INET)"));
+    }
+    // SAFETY: s is a fresh fd we own.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: interface ioctls read/write a struct ifreq, which IfReq lays out.
+    if unsafe { libc::ioctl(s.as_raw_fd(), request as _, req as *mut IfReq) } != 0 {
+        return Err(sys(what));
+    }
+    Ok(())
+}
+
+/// Brings interface `ifname` up (in the calling thread's namespace).
+pub fn set_up(ifname: &str) -> Result<(), PortError> {
+    let mut r = IfReq::new(ifname)?;
+    if_ioctl(libc::SIOCGIFFLAGS, &mut r, "SIOCGIFFLAGS")?;
+    let flags = i16::from_ne_bytes([r.data[0], r.data[1]]) | libc::IFF_UP as i16;
+    r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    if_ioctl(libc::SIOCSIFFLAGS, &mut r, "SIOCSIFFLAGS")
+}
+
+/// Gives interface `ifname` the IPv4 address `addr` with prefix `prefix_len`
+/// (in the calling thread's namespace); the kernel adds the on-link route.
+pub fn set_ipv4(ifname: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), PortError> {
+    let sin = |a: Ipv4Addr| {
+        let mut d = [0u8; 24];
+        d[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        d[4..8].copy_from_slice(&a.octets());
+        d
+    };
+    let mut r = IfReq::new(ifname)?;
+    r.data = sin(addr);
+    if_ioctl(libc::SIOCSIFADDR, &mut r, "SIOCSIFADDR")?;
+    let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - prefix_len.min(32)) };
+    let mut r = IfReq::new(ifname)?;
+    r.data = sin(Ipv4Addr::from(mask));
+    if_ioctl(libc::SIOCSIFNETMASK, &mut r, "SIOCSIFNETMASK")
 }
