@@ -1,7 +1,8 @@
 //! Store benchmark: compare-and-swap transactions per second on the embedded
 //! store and on etcd (1, 16 and 64 concurrent tasks), beside etcd's raw put
-//! rate from a plain etcd-client loop (sequential and 16 concurrent), all in
-//! one run. Prints a table.
+//! rate from a plain etcd-client loop (sequential and 16 concurrent) and the
+//! same compare-and-swap through plain etcd-client (the cost of the store
+//! layer), all in one run. Prints a table.
 //!
 //! ```text
 //! store-bench [--etcd-endpoint URL] [--embedded-path PATH] [--seconds N]
@@ -179,6 +180,55 @@ async fn raw_puts(client: etcd_client::Client, tasks: usize, secs: u64, run: &st
     (total, start.elapsed())
 }
 
+/// Plain etcd-client compare-and-swap transactions, no store layer: shows
+/// what the store layer itself costs.
+async fn raw_cas(client: etcd_client::Client, tasks: usize, secs: u64, run: &str) -> (Tally, Duration) {
+    use etcd_client::{Compare as EtcdCompare, CompareOp, Txn as EtcdTxn, TxnOp};
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let mut kv = client.kv_client();
+        let key = format!("/bench/{run}/rawcas/{t}");
+        handles.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut last = match kv.put(key.as_str(), "0", None).await {
+                Ok(r) => r.header().map_or(0, |h| h.revision()),
+                Err(_) => {
+                    tally.failed += 1;
+                    return tally;
+                }
+            };
+            let mut n: u64 = 0;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let txn = EtcdTxn::new()
+                    .when([EtcdCompare::mod_revision(key.as_str(), CompareOp::Equal, last)])
+                    .and_then([TxnOp::put(key.as_str(), (n + 1).to_string(), None)]);
+                match kv.txn(txn).await {
+                    Ok(r) if r.succeeded() => {
+                        tally.latencies_us.push(t0.elapsed().as_micros() as u64);
+                        tally.ops += 1;
+                        n += 1;
+                        last = r.header().map_or(last, |h| h.revision());
+                    }
+                    _ => tally.failed += 1,
+                }
+            }
+            tally
+        }));
+    }
+    let mut total = Tally::default();
+    for h in handles {
+        if let Ok(t) = h.await {
+            total.ops += t.ops;
+            total.failed += t.failed;
+            total.latencies_us.extend(t.latencies_us);
+        }
+    }
+    (total, start.elapsed())
+}
+
 #[tokio::main]
 async fn main() {
     let args = match parse_args() {
@@ -232,6 +282,11 @@ async fn main() {
                     eprintln!("etcd: compare-and-swap with {tasks} tasks for {secs} s");
                     let (tally, elapsed) = cas(s.clone(), tasks, secs, &run).await;
                     rows.push(Row { backend: "etcd", operation: "compare-and-swap txn", tasks, tally, elapsed });
+                }
+                for tasks in [1, 16, 64] {
+                    eprintln!("etcd: raw etcd-client compare-and-swap with {tasks} tasks for {secs} s");
+                    let (tally, elapsed) = raw_cas(client.clone(), tasks, secs, &run).await;
+                    rows.push(Row { backend: "etcd", operation: "raw CAS txn (etcd-client)", tasks, tally, elapsed });
                 }
                 for tasks in [1, 16] {
                     eprintln!("etcd: raw etcd-client put with {tasks} tasks for {secs} s");
