@@ -56,7 +56,7 @@ const HISTORY_CHUNK: usize = 512;
 /// previous batch suggests others are about to come.
 const COMMIT_WINDOW: Duration = Duration::from_micros(300);
 /// How many committed revisions the live broadcast buffers per watcher.
-const BROADCAST_CAPACITY: usize = 4096;
+const BROADCAST_CAPACITY: usize = 1024;
 /// Longest the writer sleeps before it looks at lease deadlines again.
 const EXPIRY_TICK: Duration = Duration::from_millis(100);
 

@@ -91,6 +91,7 @@ conformance!(
     watch_from_now_sees_only_new_writes,
     watch_delivers_multi_op_txn_as_one_response,
     watch_resumes_from_last_revision_plus_one,
+    slow_watcher_misses_nothing,
     watch_from_compacted_revision_errors,
     lease_expiry_deletes_keys_with_events,
     keep_alive_extends_lease,
@@ -464,6 +465,33 @@ async fn watch_resumes_from_last_revision_plus_one(s: Arc<dyn Store>, p: &str) {
     let mut w = s.watch(p, seen.last().unwrap().kv.mod_revision + 1).await.unwrap();
     let events = collect_until(&mut w, *more.last().unwrap()).await;
     assert_eq!(events.iter().map(|e| e.kv.mod_revision).collect::<Vec<_>>(), more, "no gap, no duplicate");
+}
+
+/// A watcher that does not read while many revisions pass (more than any
+/// in-memory buffer holds) still gets every event, once, in order.
+async fn slow_watcher_misses_nothing(s: Arc<dyn Store>, p: &str) {
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 200;
+    let mut w = s.watch(p, 0).await.unwrap();
+    let mut writers = Vec::new();
+    for t in 0..TASKS {
+        let (s, p) = (s.clone(), p.to_owned());
+        writers.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for i in 0..PER_TASK {
+                revs.push(s.put(&format!("{p}{t}"), i.to_string().into_bytes()).await.unwrap());
+            }
+            revs
+        }));
+    }
+    let mut written = Vec::new();
+    for wr in writers {
+        written.extend(wr.await.unwrap());
+    }
+    written.sort_unstable();
+    let events = collect_until(&mut w, *written.last().unwrap()).await;
+    let seen: Vec<i64> = events.iter().map(|e| e.kv.mod_revision).collect();
+    assert_eq!(seen, written, "every revision once, in order");
 }
 
 async fn watch_from_compacted_revision_errors(s: Arc<dyn Store>, p: &str) {
