@@ -22,7 +22,7 @@ const FLAGS: &[&str] = &[
     "-Wl,--no-warn-rwx-segments",
 ];
 
-fn build(out: &PathBuf, name: &str, defines: &[&str]) -> PathBuf {
+fn build(out: &std::path::Path, name: &str, defines: &[&str]) -> PathBuf {
     let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("guest");
     let target = out.join(name);
     let status = Command::new(env::var("VMM_GUEST_CC").unwrap_or_else(|_| "gcc".into()))

@@ -268,10 +268,10 @@ impl VmConfig {
         if m.memory_backend == MemoryBackend::File && m.memory_file.is_none() {
             return bad("memory_backend \"file\" needs memory_file".into());
         }
-        if m.memory_backend == MemoryBackend::Hugetlb2m && m.memory_mib % 2 != 0 {
+        if m.memory_backend == MemoryBackend::Hugetlb2m && !m.memory_mib.is_multiple_of(2) {
             return bad("2 MiB hugepages need memory_mib to be a multiple of 2".into());
         }
-        if m.memory_backend == MemoryBackend::Hugetlb1g && m.memory_mib % 1024 != 0 {
+        if m.memory_backend == MemoryBackend::Hugetlb1g && !m.memory_mib.is_multiple_of(1024) {
             return bad("1 GiB hugepages need memory_mib to be a multiple of 1024".into());
         }
         if !m.vcpu_pin.is_empty() && m.vcpu_pin.len() != m.vcpus as usize {

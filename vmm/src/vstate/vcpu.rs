@@ -216,6 +216,7 @@ impl Vcpu {
     }
 
     /// Starts the run loop on its own thread, paused when `paused`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         self,
         pio: Bus,

@@ -108,7 +108,7 @@ impl Block {
         if self.read_only {
             return S_IOERR;
         }
-        if segs.len() % 16 != 0 || segs.len() / 16 > MAX_DISCARD_SEGS as usize {
+        if !segs.len().is_multiple_of(16) || segs.len() / 16 > MAX_DISCARD_SEGS as usize {
             return S_UNSUPP;
         }
         for s in segs.chunks(16) {

@@ -426,7 +426,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - 0x100, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.counters.bad_accesses += 1;
             data.fill(0);
             return;
@@ -440,7 +440,7 @@ impl BusDevice for MmioTransport {
             self.device.write_config(offset - 0x100, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.counters.bad_accesses += 1;
             return;
         }
