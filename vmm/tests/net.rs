@@ -60,7 +60,7 @@ fn guest_gets_an_address_by_dhcp() {
     let Some(ns) = NetNs::new() else { return };
     let dir = TempDir::new("dhcp");
     let tap = unique("vtap");
-    let mut vm = net_vm(&ns, &dir, &tap, "guest.dhcp guest.hb=200000");
+    let mut vm = net_vm(&ns, &dir, &tap, "guest.dhcp guest.hb=40000");
     vm.wait_for("guest: ready", 60);
     assert!(ns.run(&["ip", "addr", "add", "10.78.0.1/24", "dev", &tap]));
     assert!(ns.run(&["ip", "link", "set", &tap, "up"]));
