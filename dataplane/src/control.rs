@@ -39,6 +39,9 @@ pub enum ControlError {
     /// The metadata service could not start.
     #[error("Metadata service: {0}")]
     Metadata(#[from] MetadataError),
+    /// A vhost-user port could not be created.
+    #[error("vhost-user port could not be attached: {0}")]
+    VhostUser(#[from] crate::vhost_user::VhostUserError),
     /// The control socket could not be served or reached.
     #[error("Control socket {path}: {source}")]
     Socket {
@@ -288,6 +291,14 @@ impl Dataplane {
         let mac = self.inner.state.lock().expect("state lock").model.port(port_id).map(|p| p.mac_address);
         let tap = Tap::create(ifname, mac, netns)?;
         self.inner.attach_port(port_id, ifname, PortKind::Tap(tap), "internal")
+    }
+
+    /// Listens for a VM's virtio-net device on the vhost-user socket in `cfg`
+    /// and attaches it as logical port `port_id`: the datapath is the device's
+    /// vhost-user backend (see [`crate::vhost_user`]).
+    pub fn add_vhost_user_port(&self, port_id: &str, cfg: &crate::vhost_user::VhostUserConfig) -> Result<u32, ControlError> {
+        let port = crate::vhost_user::VhostUserPort::listen(cfg)?;
+        self.inner.attach_port(port_id, port_id, PortKind::Burst(Box::new(port)), "vhost-user")
     }
 
     /// Detaches logical port `port_id`.
