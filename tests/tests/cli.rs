@@ -79,7 +79,16 @@ fn single_node_site_with_the_openstack_cli() {
     let t = app.json(&["token", "issue"]);
     assert_eq!(t["project_id"], token["project_id"]);
 
-    admin.json(&["resource", "provider", "list"]);
+    // Placement through osc-placement.
+    let rp = admin.json(&["resource", "provider", "create", "edge-rp-1"]);
+    let rp_uuid = rp["uuid"].as_str().unwrap().to_string();
+    admin.ok(&["resource", "provider", "inventory", "set", &rp_uuid, "--resource", "VCPU=16", "--resource", "MEMORY_MB=8192"]);
+    assert!(rows_have(&admin.json(&["resource", "provider", "list"]), "name", "edge-rp-1"));
+    let inv = admin.json(&["resource", "provider", "inventory", "list", &rp_uuid]);
+    assert!(inv.as_array().unwrap().iter().any(|r| r["resource_class"] == "VCPU" && r["total"] == 16), "{inv}");
+    // Placement is for admins only.
+    let err = alice.fails(&["resource", "provider", "list"]);
+    assert!(err.contains("403"), "{err}");
 
     admin.ok(&["project", "delete", "beta"]);
     assert!(!rows_have(&admin.json(&["project", "list"]), "Name", "beta"));
