@@ -90,7 +90,7 @@ async fn providers_inventories_traits_allocations_and_candidates() {
     // Create (1.20 returns the body), duplicate name 409, nested child (1.14).
     let (st, h, host) = pl(&s, "POST", "/resource_providers", t, Some("1.20"), Some(json!({"name": "cn1"}))).await;
     assert_eq!(st, 200, "{host}");
-    assert!(h["location"].to_str().unwrap().ends_with(host["uuid"].as_str().unwrap()));
+    assert!(h["location"].to_str().unwrap().starts_with("/resource_providers/") && h["location"].to_str().unwrap().ends_with(host["uuid"].as_str().unwrap()));
     let rp = host["uuid"].as_str().unwrap().to_string();
     assert_eq!(host["generation"], 0);
     assert_eq!(host["root_provider_uuid"], rp.as_str());

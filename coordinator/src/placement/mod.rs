@@ -13,6 +13,12 @@ pub mod db;
 pub mod microversion;
 pub mod traits;
 
+/// `GET /placement/` (with the slash keystoneauth adds to the catalog URL),
+/// which a router nested at `/placement` cannot match; merged at the top level.
+pub fn root_routes() -> Router<AppState> {
+    Router::new().route("/placement/", get(api::root::versions)).layer(axum::middleware::from_fn(microversion::negotiate))
+}
+
 /// Placement's routes, nested under `/placement`.
 pub fn routes() -> Router<AppState> {
     use api::*;

@@ -15,7 +15,7 @@ use crate::placement::microversion::Version;
 use crate::state::AppState;
 
 fn class_json(name: &str) -> Value {
-    json!({"name": name, "links": [link("self", format!("/placement/resource_classes/{name}"))]})
+    json!({"name": name, "links": [link("self", format!("/resource_classes/{name}"))]})
 }
 
 /// GET /resource_classes
@@ -36,7 +36,7 @@ pub async fn create(State(st): State<AppState>, _a: Admin, Extension(v): Extensi
     if !db::create_resource_class(st.store.as_ref(), name).await? {
         return Err(error(StatusCode::CONFLICT, format!("Conflicting resource class already exists: {name}"), "placement.duplicate_name"));
     }
-    Ok((StatusCode::CREATED, [("location", format!("/placement/resource_classes/{name}"))]).into_response())
+    Ok((StatusCode::CREATED, [("location", format!("/resource_classes/{name}"))]).into_response())
 }
 
 /// GET /resource_classes/{name}
@@ -64,7 +64,7 @@ pub async fn put(State(st): State<AppState>, _a: Admin, Extension(v): Extension<
     }
     let created = db::create_resource_class(st.store.as_ref(), &name).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT };
-    Ok((status, [("location", format!("/placement/resource_classes/{name}"))]).into_response())
+    Ok((status, [("location", format!("/resource_classes/{name}"))]).into_response())
 }
 
 /// DELETE /resource_classes/{name}

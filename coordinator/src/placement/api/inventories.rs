@@ -148,7 +148,7 @@ pub async fn create(
     }
     let mut body = inventory_json(&p.inventories[&class]);
     body["resource_provider_generation"] = json!(p.generation);
-    let location = format!("/placement/resource_providers/{uuid}/inventories/{class}");
+    let location = format!("/resource_providers/{uuid}/inventories/{class}");
     Ok((StatusCode::CREATED, [("location", location)], Json(body)).into_response())
 }
 

@@ -19,7 +19,7 @@ use crate::state::AppState;
 
 /// The JSON of one provider at microversion `v`.
 pub fn provider_json(p: &Provider, v: Version) -> Value {
-    let base = format!("/placement/resource_providers/{}", p.uuid);
+    let base = format!("/resource_providers/{}", p.uuid);
     let mut links = vec![link("self", base.clone()), link("inventories", format!("{base}/inventories")), link("usages", format!("{base}/usages"))];
     if v.at_least(1) {
         links.push(link("aggregates", format!("{base}/aggregates")));
@@ -137,7 +137,7 @@ pub async fn create(State(st): State<AppState>, _a: Admin, Extension(v): Extensi
         Some(other) => return Err(bad_request(format!("JSON does not validate: {other} is not a uuid"))),
     };
     let p = db::create_provider(st.store.as_ref(), uuid, name, parent).await?;
-    let location = format!("/placement/resource_providers/{}", p.uuid);
+    let location = format!("/resource_providers/{}", p.uuid);
     if v.at_least(20) {
         Ok((StatusCode::OK, [("location", location)], Json(provider_json(&p, v))).into_response())
     } else {

@@ -71,7 +71,7 @@ pub async fn put(State(st): State<AppState>, _a: Admin, Extension(v): Extension<
     }
     let created = db::create_trait(st.store.as_ref(), &name).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT };
-    Ok((status, [("location", format!("/placement/traits/{name}"))]).into_response())
+    Ok((status, [("location", format!("/traits/{name}"))]).into_response())
 }
 
 /// DELETE /traits/{name}: custom traits no provider carries.
