@@ -221,6 +221,7 @@ fn sriov_pfs(sys: &Path, physnets: &BTreeMap<String, String>) -> Result<Vec<Srio
 }
 
 /// Free and total space of the file system holding `path`, in GiB.
+#[allow(clippy::unnecessary_cast)] // statvfs field types differ between platforms
 pub fn disk_pool(path: &Path) -> Result<DiskPool, DiscoveryError> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())

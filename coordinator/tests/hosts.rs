@@ -151,7 +151,7 @@ async fn a_host_cannot_read_or_write_another_hosts_records() {
     let (code, v) = agent(&s, "GET", &format!("/hosts/{}/observed/vm/web", b.host_id), Some(&b.authorization()), None).await;
     assert_eq!(code, 200);
     assert_eq!(v["status"]["running"], true);
-    assert!(!s.state.store.get(&format!("/hosts/alive/{}", b.host_id)).await.unwrap().is_some());
+    assert!(s.state.store.get(&format!("/hosts/alive/{}", b.host_id)).await.unwrap().is_none(), "A could not heartbeat for B");
     let (code, v) = agent(&s, "GET", &format!("/hosts/{}/desired", b.host_id), Some(&b.authorization()), None).await;
     assert_eq!(code, 200);
     assert_eq!(v["records"][0]["name"], "web");
@@ -337,4 +337,41 @@ async fn a_host_bound_token_re_enrols_the_same_host_with_a_new_secret() {
     assert_eq!(code, 200);
     let names: Vec<&str> = v["hosts"].as_array().unwrap().iter().map(|h| h["hostname"].as_str().unwrap()).collect();
     assert_eq!(names, ["edge-1", "edge-2"]);
+}
+
+#[tokio::test]
+async fn the_scheduler_directory_follows_enrolment_heartbeats_and_disabling() {
+    use coordinator::scheduler::HostDirectory;
+    let dir = tempfile::tempdir().unwrap();
+    let s = site(&dir, 2).await;
+    let admin = s.admin_token().await;
+    let cache = coordinator::hosts::directory::HostCache::start(s.state.store.clone()).await.unwrap();
+    let h = enrol(&s, &join_token(&s, &admin, None).await, "edge-1").await;
+    let id: uuid::Uuid = h.host_id.parse().unwrap();
+    let wait = |want: Option<(bool, bool)>| {
+        let cache = cache.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = cache.status(id).map(|st| (st.up, st.enabled));
+                if got == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "directory says {got:?}, want {want:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait(Some((false, true))).await;
+    assert_eq!(cache.status(id).unwrap().availability_zone.as_deref(), Some("nova"));
+    let (code, _) = agent(&s, "POST", &format!("/hosts/{}/heartbeat", h.host_id), Some(&h.authorization()), None).await;
+    assert_eq!(code, 200);
+    wait(Some((true, true))).await;
+    let (code, _) = s.call("PUT", &format!("/edge/v1/hosts/{}", h.host_id), Some(&admin), Some(json!({"enabled": false, "disabled_reason": "x"}))).await;
+    assert_eq!(code, 200);
+    wait(Some((true, false))).await;
+    // The lease runs out: down.
+    wait(Some((false, false))).await;
+    assert!(cache.status(uuid::Uuid::new_v4()).is_none());
+    assert_eq!(cache.len(), 1);
 }

@@ -10,6 +10,7 @@
 //! - A host is up while its heartbeat key exists; the elected host monitor
 //!   ([`monitor`]) records the transitions. Administrators enable and disable hosts
 //!   ([`admin_api`], and Nova's os-services in `crate::compute`).
+//! - The scheduler learns which hosts are up and enabled from [`directory::HostCache`].
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use crate::state::AppState;
 pub mod admin_api;
 pub mod agent_api;
 pub mod auth;
+pub mod directory;
 pub mod enrol;
 pub mod error;
 pub mod heartbeat;
