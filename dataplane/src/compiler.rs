@@ -470,6 +470,12 @@ impl Compiler {
             for t in 133..=137u16 {
                 c.rule(tbl, 250, base.eth_type(ethertype::IPV6).proto(proto::ICMPV6).l4_src(t, 0xffff), after.clone(), format!("ND {what} port {}", p.id));
             }
+            if dir == Direction::Egress {
+                // Multicast listener queries, reports and done messages: conntrack has no state for them.
+                for t in [130u16, 131, 132, 143] {
+                    c.rule(tbl, 250, base.eth_type(ethertype::IPV6).proto(proto::ICMPV6).l4_src(t, 0xffff), after.clone(), format!("MLD from port {}", p.id));
+                }
+            }
             let tracked = base.ct_zone(zone);
             c.rule(tbl, 200, tracked.ct(ct_state::TRACKED | ct_state::INVALID, ct_state::TRACKED | ct_state::INVALID), vec![Action::Drop("conntrack invalid")], format!("invalid {what} port {}", p.id));
             c.rule(tbl, 190, tracked.ct(ct_state::TRACKED | ct_state::ESTABLISHED, ct_state::TRACKED | ct_state::ESTABLISHED | ct_state::INVALID), after.clone(), format!("established {what} port {}", p.id));
@@ -483,7 +489,7 @@ impl Compiler {
                     for m in rule_matches(c.model, rule, dir) {
                         let mut mm = tracked.ct(ct_state::TRACKED | ct_state::NEW, ct_state::TRACKED | ct_state::NEW | ct_state::INVALID);
                         merge(&mut mm, &m);
-                        c.rule(tbl, 100, mm, allow.clone(), format!("security group {gid} rule {} {what} port {}", rule.id, p.id));
+                        c.rule(tbl, 100, mm, allow.clone(), format!("security group {gid} rule {} {what} port {}", rule_label(g, rule), p.id));
                     }
                 }
             }
@@ -514,7 +520,7 @@ impl Compiler {
                 for m in rule_matches(c.model, rule, Direction::Ingress) {
                     let mut mm = base;
                     merge(&mut mm, &m);
-                    c.rule(table::FLOOD_SG, 100, mm, give.clone(), format!("security group {gid} rule {} lets a flooded copy into port {}", rule.id, p.id));
+                    c.rule(table::FLOOD_SG, 100, mm, give.clone(), format!("security group {gid} rule {} lets a flooded copy into port {}", rule_label(g, rule), p.id));
                 }
             }
         }
@@ -747,6 +753,21 @@ fn merge(m: &mut M, extra: &Match) {
     }
     m.0.key = key;
     m.0.mask = mask;
+}
+
+/// A rule's id, or when it has none its position and what it allows.
+fn rule_label(g: &crate::model::SecurityGroup, rule: &SecurityGroupRule) -> String {
+    if !rule.id.is_empty() {
+        return rule.id.clone();
+    }
+    let idx = g.rules.iter().position(|r| std::ptr::eq(r, rule)).unwrap_or(0);
+    let proto = rule.protocol.map(|p| format!(" {p:?}").to_lowercase()).unwrap_or_default();
+    let range = match (rule.port_range_min, rule.port_range_max) {
+        (Some(a), Some(b)) if a != b => format!(" {a}-{b}"),
+        (Some(a), _) => format!(" {a}"),
+        _ => String::new(),
+    };
+    format!("#{idx} ({:?}{proto}{range})", rule.ethertype)
 }
 
 /// The matches (on the remote side and protocol) one security group rule expands to.

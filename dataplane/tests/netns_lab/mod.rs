@@ -205,29 +205,16 @@ impl Cloud {
         for p in &model.ports {
             let Some(host) = p.binding_host.as_deref() else { continue };
             let (dp, hns) = (&dps[host], &hosts[host]);
-            let ns = lab.ns(&p.id);
-            if spec.taps.contains(&p.id.as_str()) {
+            let ns = if spec.taps.contains(&p.id.as_str()) {
+                let ns = lab.ns(&p.id);
                 dp.add_internal_port(&p.id, "eth0", Some(&Lab::path(&ns))).unwrap();
+                addresses(&model, p, &ns, spec.slaac.contains(&p.id.as_str()));
+                ns
             } else {
-                let hif = format!("v{}", p.id);
-                lab.veth(&ns, "eth0", hns, &hif);
-                sh(&["ip", "-n", &ns, "link", "set", "eth0", "address", &p.mac_address.to_string()]).unwrap();
-                // Let the kernel finish checksums itself (AF_PACKET would otherwise see partial ones).
-                let _ = sh(&["ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"]);
-                dp.add_port(&p.id, &hif, Some(&Lab::path(hns))).unwrap();
-            }
-            for f in &p.fixed_ips {
-                let s = model.subnet(&f.subnet_id).unwrap();
-                let cidr = format!("{}/{}", f.ip_address, s.cidr.prefix_len());
-                if f.ip_address.is_ipv4() {
-                    sh(&["ip", "-n", &ns, "addr", "add", &cidr, "brd", "+", "dev", "eth0"]).unwrap();
-                    if let Some(gw) = s.gateway_ip {
-                        sh(&["ip", "-n", &ns, "route", "add", "default", "via", &gw.to_string()]).unwrap();
-                    }
-                } else if !spec.slaac.contains(&p.id.as_str()) {
-                    sh(&["ip", "-n", &ns, "addr", "add", &cidr, "dev", "eth0", "nodad"]).unwrap();
-                }
-            }
+                let ns = veth_endpoint(&mut lab, &model, p, hns, spec.slaac.contains(&p.id.as_str()));
+                dp.add_port(&p.id, &format!("v{}", p.id), Some(&Lab::path(hns))).unwrap();
+                ns
+            };
             eps.insert(p.id.clone(), ns);
         }
         Cloud { dps, hosts, eps, outside, model, lab }
@@ -254,6 +241,33 @@ impl Cloud {
     /// Packets host `h` received over VXLAN so far.
     pub fn tunnel_rx(&self, h: &str) -> u64 {
         self.dps[h].stats().ports.iter().find(|p| p.1 == "vxlan").map(|p| p.2).unwrap_or(0)
+    }
+}
+
+/// An endpoint namespace for `p` behind a veth whose other end, `v<port id>`,
+/// is in `host_ns`; addresses and default route from the model.
+pub fn veth_endpoint(lab: &mut Lab, model: &Model, p: &dataplane::model::Port, host_ns: &str, slaac: bool) -> String {
+    let ns = lab.ns(&p.id);
+    lab.veth(&ns, "eth0", host_ns, &format!("v{}", p.id));
+    sh(&["ip", "-n", &ns, "link", "set", "eth0", "address", &p.mac_address.to_string()]).unwrap();
+    // Let the kernel finish checksums itself (AF_PACKET would otherwise see partial ones).
+    let _ = sh(&["ip", "netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"]);
+    addresses(model, p, &ns, slaac);
+    ns
+}
+
+fn addresses(model: &Model, p: &dataplane::model::Port, ns: &str, slaac: bool) {
+    for f in &p.fixed_ips {
+        let s = model.subnet(&f.subnet_id).unwrap();
+        let cidr = format!("{}/{}", f.ip_address, s.cidr.prefix_len());
+        if f.ip_address.is_ipv4() {
+            sh(&["ip", "-n", ns, "addr", "add", &cidr, "brd", "+", "dev", "eth0"]).unwrap();
+            if let Some(gw) = s.gateway_ip {
+                sh(&["ip", "-n", ns, "route", "add", "default", "via", &gw.to_string()]).unwrap();
+            }
+        } else if !slaac {
+            sh(&["ip", "-n", ns, "addr", "add", &cidr, "dev", "eth0", "nodad"]).unwrap();
+        }
     }
 }
 
