@@ -16,5 +16,6 @@ pub mod metadata;
 pub mod model;
 pub mod packet;
 pub mod pipeline;
+pub mod ovs;
 pub mod ports;
 pub mod vhost_user;
