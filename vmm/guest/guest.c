@@ -20,6 +20,8 @@
  *   guest.blkbeat      re-read the first disk sectors at every heartbeat
  *   guest.fill=MiB     write a pattern over guest memory from 4 MiB up (benchmarks)
  *   guest.blkbench=MiB read that much of the disk in 64 KiB requests (benchmarks)
+ *   guest.probe=N      send N probe frames (ethertype 0x88b5) and count the
+ *                      ones that come back, as sent or with MACs swapped
  *
  * Built with -DHOSTILE it first feeds malformed requests to its devices.
  */
@@ -504,6 +506,44 @@ static void dhcp_rx(u8 *d, u32 len) {
     }
 }
 
+/* ---- probe frames: what a loopback or MAC-swapping peer returns ---- */
+#define PROBE_TYPE 0x88b5
+static const u8 probe_peer[6] = {0x02, 0x11, 0x22, 0x33, 0x44, 0x55};
+static u64 probe_seen, probe_returned, probe_swapped, probe_last = ~0ul;
+
+static void probe_send(u64 seq) {
+    u8 *e = txbuf + NET_HDR;
+    memcpy(e, probe_peer, 6); memcpy(e + 6, mac, 6); e[12] = PROBE_TYPE >> 8; e[13] = PROBE_TYPE & 0xff;
+    memcpy(e + 14, "vmm-probe", 9);
+    memcpy(e + 23, &seq, 8);
+    memset(e + 31, 0x5a, 64 - 31);
+    net_send(64);
+}
+static void probe_rx(u8 *e, u32 len) {
+    u64 seq;
+    if (len < 31 || memcmp(e + 14, "vmm-probe", 9)) return;
+    memcpy(&seq, e + 23, 8);
+    probe_seen++;
+    if (seq == probe_last) return; /* a duplicate */
+    probe_last = seq;
+    probe_returned++;
+    if (!memcmp(e, mac, 6) && !memcmp(e + 6, probe_peer, 6)) probe_swapped++;
+}
+
+static void net_poll(void);
+static void probe_run(u64 n) {
+    u64 i, spin;
+    for (i = 0; i < n; i++) {
+        probe_send(i);
+        for (spin = 0; spin < 2000000 && probe_last != i; spin++) {
+            net_poll();
+            __asm__ volatile("pause");
+        }
+    }
+    puts("probe: sent "); putdec(n); puts(" returned "); putdec(probe_returned);
+    puts(" macswapped "); putdec(probe_swapped); puts(" frames "); putdec(probe_seen); putc('\n');
+}
+
 static void net_rx(u8 *f, u32 len) {
     u8 *e = f, *p;
     u16 type;
@@ -511,6 +551,7 @@ static void net_rx(u8 *f, u32 len) {
     if (len < 14) return;
     type = (u16)(e[12] << 8 | e[13]);
     p = e + 14;
+    if (type == PROBE_TYPE) { probe_rx(e, len); return; }
     if (type == 0x0806 && len >= 42 && my_ip) {
         /* ARP request for our address: answer it. */
         if (p[6] == 0 && p[7] == 1 && !memcmp(p + 24, &my_ip, 4)) {
@@ -676,6 +717,7 @@ void guest_main(u8 *boot_params) {
         puts("net: address "); putip(my_ip); putc('\n');
     }
     if (net_base && arg("guest.dhcp")) { dhcp_state = 1; dhcp_send(1); }
+    if (net_base && (v = arg("guest.probe="))) probe_run(parse_num(v, 0));
     v = arg("guest.hb=");
     hb = v ? parse_num(v, 0) : 200000;
     v = arg("guest.beats=");

@@ -16,6 +16,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, HDR_LEN};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::vhost_user_net::VhostUserNet;
 use crate::devices::virtio::VirtioDevice;
 use crate::machine::{VirtioSlot, Vmm};
 use crate::snapshot::Snapshot;
@@ -135,8 +136,9 @@ pub fn build(
                 let t = Tap::open(tap, HDR_LEN as i32).map_err(|e| BuildError::Device(n.id.clone(), e.to_string()))?;
                 Box::new(Net::new(t, mac, n.rate_limit))
             }
-            (None, Some(_)) => {
-                return Err(BuildError::Device(n.id.clone(), "vhost-user networking is not available in this build".into()))
+            (None, Some(sock)) => {
+                let d = VhostUserNet::connect(sock, mac).map_err(|e| BuildError::Device(n.id.clone(), e.to_string()))?;
+                Box::new(d)
             }
             (None, None) => return Err(BuildError::Device(n.id.clone(), "No backend".into())),
         };

@@ -84,6 +84,10 @@ pub struct MachineConfig {
     /// Backing file for `memory_backend = "file"` (created if missing).
     #[serde(default)]
     pub memory_file: Option<PathBuf>,
+    /// Map anonymous or hugepage memory shared, from a memfd, so that a
+    /// vhost-user backend can map it too.
+    #[serde(default)]
+    pub memory_shared: bool,
     /// Bind guest memory to this host NUMA node (mbind, MPOL_BIND).
     #[serde(default)]
     pub numa_node: Option<u32>,
@@ -112,6 +116,7 @@ impl Default for MachineConfig {
             memory_mib: default_mem(),
             memory_backend: MemoryBackend::Anonymous,
             memory_file: None,
+            memory_shared: false,
             numa_node: None,
             vcpu_pin: Vec::new(),
             seccomp: true,
@@ -293,8 +298,14 @@ impl VmConfig {
             if let Some(mac) = &n.mac {
                 parse_mac(mac).map_err(ConfigError::Invalid)?;
             }
-            if n.vhost_user_socket.is_some() && m.memory_backend != MemoryBackend::File {
-                return bad(format!("net {}: vhost-user needs memory_backend \"file\"", n.id));
+            if n.vhost_user_socket.is_some() && m.memory_backend != MemoryBackend::File && !m.memory_shared {
+                return bad(format!(
+                    "net {}: vhost-user needs shared guest memory (memory_backend \"file\" or memory_shared = true)",
+                    n.id
+                ));
+            }
+            if n.vhost_user_socket.is_some() && n.rate_limit.is_some() {
+                return bad(format!("net {}: a vhost-user backend does its own rate limiting", n.id));
             }
         }
         if let Some(v) = &self.vsock {

@@ -134,7 +134,9 @@ impl Vmm {
         add(reset_evt.as_raw_fd(), TOKEN_RESET, false)?;
         for (d, slot) in virtio.iter().enumerate() {
             let t = slot.transport.lock().unwrap();
-            for (q, e) in t.queue_evts().iter().enumerate() {
+            // An external backend reads its notifications itself.
+            let kicks: &[EventFd] = if t.device().external_backend() { &[] } else { t.queue_evts() };
+            for (q, e) in kicks.iter().enumerate() {
                 add(e.as_raw_fd(), TOKEN_QUEUE_BASE + ((d as u64) << 16) + q as u64, false)?;
             }
             for (fd, tok) in t.event_fds() {

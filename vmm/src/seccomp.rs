@@ -25,9 +25,14 @@ use std::convert::TryInto;
 use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
 
 /// System calls a vCPU thread makes: KVM ioctls, console and eventfd writes,
-/// log rotation, memory allocation, futexes and signals.
+/// log rotation, memory allocation, futexes and signals, and the vhost-user
+/// messages a driver's DRIVER_OK or reset triggers (sendmsg/recvmsg on the
+/// already connected backend socket).
 const VCPU_SYSCALLS: &[i64] = &[
     libc::SYS_ioctl,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
     libc::SYS_fcntl,
     libc::SYS_read,
     libc::SYS_write,
@@ -82,6 +87,8 @@ const VMM_SYSCALLS: &[i64] = &[
     libc::SYS_getsockopt,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
     libc::SYS_shutdown,
     libc::SYS_read,
     libc::SYS_write,

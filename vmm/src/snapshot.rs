@@ -38,6 +38,9 @@ pub enum SnapshotError {
     /// Reading device or vCPU state failed.
     #[error("Cannot save state: {0}")]
     State(String),
+    /// The VM has a device whose state lives outside the VMM.
+    #[error("Cannot snapshot device {0}: its queues are served by an external vhost-user backend")]
+    ExternalBackend(String),
     /// The file is not a snapshot this build reads.
     #[error("Invalid snapshot: {0}")]
     Format(String),
@@ -94,6 +97,9 @@ fn io(path: &Path, e: std::io::Error) -> SnapshotError {
 pub fn create(vmm: &Vmm, dir: &Path) -> Result<(), SnapshotError> {
     if vmm.state() != RunState::Paused {
         return Err(SnapshotError::NotPaused);
+    }
+    if let Some(s) = vmm.virtio.iter().find(|s| s.transport.lock().unwrap().device().external_backend()) {
+        return Err(SnapshotError::ExternalBackend(s.id.clone()));
     }
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let vcpus = vmm

@@ -124,6 +124,7 @@ pub fn handle(vmm: &mut Vmm, req: &Request) -> Response {
             match crate::snapshot::create(vmm, Path::new(dir)) {
                 Ok(()) => Response::json(200, &serde_json::json!({"dir": dir, "took_ms": t.elapsed().as_millis() as u64})),
                 Err(crate::snapshot::SnapshotError::NotPaused) => Response::error(409, "The VM must be paused to take a snapshot"),
+                Err(e @ crate::snapshot::SnapshotError::ExternalBackend(_)) => Response::error(409, e.to_string()),
                 Err(e) => Response::error(500, e.to_string()),
             }
         }

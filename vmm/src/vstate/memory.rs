@@ -44,13 +44,17 @@ pub fn create(cfg: &MachineConfig) -> Result<GuestMemoryMmap, MemoryError> {
     let ranges = layout::ram_ranges(size);
     let file = match (cfg.memory_backend, &cfg.memory_file) {
         (MemoryBackend::File, Some(path)) => Some(open_backing_file(path, size)?),
+        (backend, _) if cfg.memory_shared => Some(memfd(backend, size)?),
         _ => None,
     };
+    let shared = file.is_some();
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (start, len) in ranges {
         let len = len as usize;
         let (flags, huge) = match cfg.memory_backend {
+            // A memfd carries the page size itself.
+            b if shared => (libc::MAP_SHARED, matches!(b, MemoryBackend::Hugetlb2m | MemoryBackend::Hugetlb1g)),
             MemoryBackend::Anonymous => {
                 (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, false)
             }
@@ -92,6 +96,26 @@ fn open_backing_file(path: &Path, size: u64) -> Result<std::fs::File, MemoryErro
     Ok(f)
 }
 
+/// A memfd of `size` bytes, on hugepages for the hugetlb backends.
+fn memfd(backend: MemoryBackend, size: u64) -> Result<std::fs::File, MemoryError> {
+    use std::os::fd::FromRawFd;
+    let flags = libc::MFD_CLOEXEC
+        | match backend {
+            MemoryBackend::Hugetlb2m => libc::MFD_HUGETLB | (21 << libc::MFD_HUGE_SHIFT),
+            MemoryBackend::Hugetlb1g => libc::MFD_HUGETLB | (30 << libc::MFD_HUGE_SHIFT),
+            _ => 0,
+        };
+    // SAFETY: the name is a NUL-terminated literal; the call creates a new fd.
+    let fd = unsafe { libc::memfd_create(c"vmm-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(MemoryError::File("memfd".into(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and nothing else owns it.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(size).map_err(|e| MemoryError::File("memfd".into(), e))?;
+    Ok(f)
+}
+
 fn mbind(addr: *mut u8, len: usize, node: u32) -> Result<(), MemoryError> {
     const MPOL_BIND: libc::c_long = 2;
     let mask: [u64; 16] = {
@@ -130,6 +154,19 @@ mod tests {
         assert_eq!(total_size(&mem), 16 << 20);
         mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1234_5678);
+    }
+
+    #[test]
+    fn shared_memory_comes_from_a_memfd() {
+        let cfg = MachineConfig { memory_mib: 16, memory_shared: true, ..Default::default() };
+        let mem = create(&cfg).unwrap();
+        let r = mem.iter().next().unwrap();
+        let f = r.file_offset().expect("a memfd backs the region");
+        mem.write_slice(b"memfd", GuestAddress(0x3000)).unwrap();
+        let mut buf = [0u8; 5];
+        use std::os::unix::fs::FileExt;
+        f.file().read_exact_at(&mut buf, 0x3000).unwrap();
+        assert_eq!(&buf, b"memfd");
     }
 
     #[test]

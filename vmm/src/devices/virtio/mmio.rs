@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceError, VirtioDevice, Work, VIRTIO_F_VERSION_1};
+use super::{BackendContext, DeviceError, VirtioDevice, Work, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -241,6 +241,10 @@ impl MmioTransport {
                 )));
             }
         }
+        if self.device.external_backend() {
+            let ctx = BackendContext { acked: self.acked, queues: &self.queues, kicks: &self.queue_evts, call: &self.irq, mem: self.mem.as_ref() };
+            self.device.activate_backend(&ctx)?;
+        }
         self.device.activate(self.acked)?;
         self.activated = true;
         Ok(())
@@ -291,6 +295,9 @@ impl MmioTransport {
             },
             0x034 => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.max_size())),
             0x044 => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.ready())),
+            // An external backend signals the irqfd without telling the
+            // transport, so a used buffer is always a possible cause.
+            0x060 if self.activated && self.device.external_backend() => self.interrupt_status | INT_VRING,
             0x060 => self.interrupt_status,
             0x070 => self.status,
             0x0fc => self.config_generation,
@@ -401,8 +408,7 @@ impl MmioTransport {
         self.config_generation = s.config_generation;
         self.device.restore(&s.device)?;
         if s.activated {
-            self.device.activate(self.acked).map_err(|e| e.to_string())?;
-            self.activated = true;
+            self.activate().map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -6,10 +6,12 @@ pub mod net;
 pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
+pub mod vhost_user_net;
 
 use std::os::unix::io::RawFd;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -48,6 +50,22 @@ pub struct Work {
     pub used: bool,
 }
 
+/// What a device whose queues are served outside the VMM (vhost-user) gets
+/// at activation: the rings as the driver set them up, the eventfds KVM
+/// signals when the driver notifies each queue, and the irqfd to signal.
+pub struct BackendContext<'a> {
+    /// Features the driver accepted.
+    pub acked: u64,
+    /// The queues, in device order.
+    pub queues: &'a [Queue],
+    /// One notification eventfd per queue (KVM ioeventfds).
+    pub kicks: &'a [EventFd],
+    /// The device's interrupt eventfd (a KVM irqfd).
+    pub call: &'a EventFd,
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+}
+
 /// A virtio device model. Queues live in the transport and are lent to the
 /// device for each event.
 pub trait VirtioDevice: Send {
@@ -65,6 +83,16 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked: u64) -> Result<(), DeviceError>;
     /// The driver reset the device.
     fn reset(&mut self);
+    /// True when another process serves the queues: the event loop leaves
+    /// the notification eventfds alone and the interrupt status always
+    /// reports a used buffer (the backend signals the irqfd directly).
+    fn external_backend(&self) -> bool {
+        false
+    }
+    /// Hands the queues to the external backend, before `activate`.
+    fn activate_backend(&mut self, _ctx: &BackendContext) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// The driver notified queue `q`.
     fn process_queue(&mut self, q: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<Work, DeviceError>;
     /// Host-side file descriptors to watch (edge-triggered, readable), with tokens.
