@@ -278,11 +278,8 @@ impl Conntrack {
                         key.ct_state = ct_state::TRACKED | ct_state::INVALID;
                         return;
                     };
-                    if icmp_kind == IcmpKind::Request {
-                        reply.dport = port;
-                    } else {
-                        reply.dport = port;
-                    }
+                    // The translated port (or, for echoes, the translated id) is what replies carry back.
+                    reply.dport = port;
                     snat = true;
                 }
                 let timeouts = self.timeouts;

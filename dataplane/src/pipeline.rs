@@ -216,7 +216,7 @@ impl Table {
     }
 
     fn finish(&mut self) {
-        self.subtables.sort_by(|a, b| b.max_priority.cmp(&a.max_priority));
+        self.subtables.sort_by_key(|s| std::cmp::Reverse(s.max_priority));
     }
 
     /// Finds the best rule for `key`, OR-ing the masks it had to look at into `wc`.
@@ -452,10 +452,8 @@ impl Pipeline {
     /// ct() actions; `trace` records each step when given.
     pub fn translate(&self, key: &FlowKey, recirc: &mut RecircTable, trace: Option<&mut Vec<TraceStep>>) -> Translation {
         let mut k = *key;
-        let mut wc = FlowKey::default();
         // Always exact on the metadata that selects where we start.
-        wc.in_port = u32::MAX;
-        wc.recirc_id = u32::MAX;
+        let wc = FlowKey { in_port: u32::MAX, recirc_id: u32::MAX, ..Default::default() };
         let mut table_id = table::CLASSIFY;
         if key.recirc_id != 0 {
             match recirc.get(key.recirc_id) {

@@ -420,7 +420,7 @@ fn create_tap(ifname: &str, mac: Option<crate::mac::MacAddr>) -> Result<OwnedFd,
     }
     if let Some(mac) = mac {
         let mut r = IfReq::new(ifname)?;
-        r.data[..2].copy_from_slice(&(libc::ARPHRD_ETHER as u16).to_ne_bytes());
+        r.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
         r.data[2..8].copy_from_slice(&mac.0);
         if_ioctl(libc::SIOCSIFHWADDR, &mut r, "SIOCSIFHWADDR")?;
     }
