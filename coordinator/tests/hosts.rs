@@ -216,6 +216,19 @@ async fn inventory_becomes_a_provider_tree() {
     assert_eq!(v["host"]["disabled_reason"], "maintenance");
     let root_rp = coordinator::placement::db::get_provider(s.state.store.as_ref(), &root).await.unwrap().unwrap();
     assert!(root_rp.value.traits.contains("COMPUTE_STATUS_DISABLED"));
+
+    // Deleting the host removes its providers, records and credential.
+    let (code, _) = agent(&s, "POST", &format!("/hosts/{}/heartbeat", h.host_id), Some(&h.authorization()), None).await;
+    assert_eq!(code, 200);
+    let (code, v) = s.call("DELETE", &format!("/edge/v1/hosts/{}", h.host_id), Some(&admin), None).await;
+    assert_eq!(code, 204, "{v}");
+    assert!(coordinator::placement::db::get_tree(s.state.store.as_ref(), &root).await.unwrap().is_empty());
+    let left = s.state.store.range("/hosts/").await.unwrap();
+    assert!(left.kvs.iter().all(|kv| !kv.key.contains(&h.host_id) && !kv.key.starts_with("/hosts/names/")), "{:?}", left.kvs.iter().map(|k| &k.key).collect::<Vec<_>>());
+    let (code, _) = agent(&s, "GET", &format!("/hosts/{}", h.host_id), Some(&h.authorization()), None).await;
+    assert_eq!(code, 401);
+    let (code, _) = s.call("DELETE", &format!("/edge/v1/hosts/{}", h.host_id), Some(&admin), None).await;
+    assert_eq!(code, 404);
 }
 
 #[tokio::test]

@@ -218,6 +218,29 @@ async fn hypervisors_show_sizes_and_usage() {
     assert_eq!(code, 200);
     assert_eq!(v["hypervisor_statistics"]["count"], 2);
     assert_eq!(v["hypervisor_statistics"]["vcpus"], 6);
+
+    // Usage comes from placement's allocations against the host.
+    use coordinator::placement::db;
+    let root: uuid::Uuid = a.host_id.parse().unwrap();
+    let alloc = db::ConsumerAllocations {
+        consumer: uuid::Uuid::new_v4(),
+        project_id: "p".into(),
+        user_id: "u".into(),
+        consumer_type: None,
+        generation: db::ConsumerGeneration::New,
+        allocations: [(root, [("VCPU".to_string(), 3), ("MEMORY_MB".to_string(), 1024)].into())].into(),
+    };
+    db::replace_allocations(s.state.store.as_ref(), &[alloc]).await.unwrap();
+    let (_, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors/1", &admin, None, None).await;
+    assert_eq!(v["hypervisor"]["vcpus_used"], 3);
+    assert_eq!(v["hypervisor"]["memory_mb_used"], 1024);
+    assert_eq!(v["hypervisor"]["free_ram_mb"], 8192 - 1024);
+    assert_eq!(v["hypervisor"]["running_vms"], 1);
+
+    // A host that runs something cannot be deleted.
+    let (code, v) = s.call("DELETE", &format!("/edge/v1/hosts/{}", a.host_id), Some(&admin), None).await;
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(db::get_tree(s.state.store.as_ref(), &root).await.unwrap().len(), 2, "nothing was removed");
 }
 
 /// The `openstack` CLI, or None (saying so) when it is not installed.

@@ -4,6 +4,7 @@
 //! - `POST /join-tokens`: create a one-use join token
 //! - `GET /hosts`, `GET /hosts/{id}`: hosts with their live state
 //! - `PUT /hosts/{id}`: enable or disable a host (with a reason)
+//! - `DELETE /hosts/{id}`: remove a host that runs nothing (its resource providers too)
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -22,7 +23,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/join-tokens", post(create_join_token))
         .route("/hosts", get(list_hosts))
-        .route("/hosts/{id}", get(show_host).put(update_host))
+        .route("/hosts/{id}", get(show_host).put(update_host).delete(delete_host))
 }
 
 fn require_admin(auth: &Auth) -> Result<(), ApiError> {
@@ -69,4 +70,11 @@ async fn update_host(
     registry::get(state.store.as_ref(), &id).await?;
     let host = registry::set_enabled(state.store.as_ref(), &id, req.enabled, req.disabled_reason).await?;
     Ok(Json(serde_json::json!({ "host": host.view() })))
+}
+
+async fn delete_host(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    require_admin(&auth)?;
+    registry::delete(state.store.as_ref(), &id).await?;
+    tracing::info!(user = %auth.user_name, host_id = %id, "host deleted by an administrator");
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -128,3 +128,39 @@ pub async fn sync_providers(store: &dyn Store, record: &HostRecord) -> Result<()
     crate::placement::db::sync_provider_tree(store, &tree).await?;
     Ok(())
 }
+
+/// Removes a host: its resource providers (refused with 409 while any has
+/// allocations), its heartbeat, and its record, name, inventory, desired and
+/// observed state in one transaction. Its credential stops working at once.
+pub async fn delete(store: &dyn Store, id: &str) -> Result<(), HostsError> {
+    let host_uuid = Uuid::parse_str(id).map_err(|_| HostsError::NotFound(id.into()))?;
+    let key = records::record_key(id);
+    let kv = store.get(&key).await?.ok_or_else(|| HostsError::NotFound(id.into()))?;
+    let record: HostRecord = decode(&kv.key, &kv.value)?;
+    let tree = crate::placement::db::get_tree(store, &host_uuid).await?;
+    if let Some(p) = tree.iter().find(|p| !p.value.allocations.is_empty()) {
+        return Err(HostsError::Placement(crate::placement::db::DbError::ProviderInUse(p.value.uuid)));
+    }
+    // Leaves first: a parent with children cannot go.
+    let mut order: Vec<_> = tree.iter().map(|p| (p.value.parent.is_none(), p.value.uuid)).collect();
+    order.sort();
+    for (_, uuid) in order {
+        match crate::placement::db::delete_provider(store, &uuid).await {
+            Ok(()) | Err(crate::placement::db::DbError::ProviderNotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    heartbeat::stop(store, id).await?;
+    let txn = Txn::new()
+        .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+        .and_then(Op::delete(key))
+        .and_then(Op::delete(records::name_key(&record.hostname)))
+        .and_then(Op::delete(records::inventory_key(id)))
+        .and_then(Op::delete(records::alive_key(id)))
+        .and_then(Op::DeletePrefix { prefix: format!("/hosts/{id}/") });
+    if !store.txn(txn).await?.succeeded {
+        return Err(HostsError::Contention);
+    }
+    tracing::info!(host_id = %id, hostname = %record.hostname, "host deleted");
+    Ok(())
+}
