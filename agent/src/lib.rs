@@ -72,8 +72,8 @@ async fn discover(cfg: &DiscoveryConfig, host_ip: &Option<String>) -> Result<Hos
     Ok(inv)
 }
 
-/// Retries `op` while the coordinator cannot be reached, with growing pauses;
-/// refusals are returned at once.
+/// Retries `op` while the coordinator cannot be reached or answers with a server
+/// error (5xx), with growing pauses; refusals (4xx) are returned at once.
 async fn patiently<T, F, Fut>(what: &str, mut op: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
@@ -82,8 +82,8 @@ where
     let mut pause = Duration::from_millis(200);
     loop {
         match op().await {
-            Err(ClientError::Transport(e)) => {
-                tracing::warn!(error = %e, "{what}: coordinator unreachable, retrying in {pause:?}");
+            Err(e) if e.status().is_none_or(|s| s >= 500) => {
+                tracing::warn!(error = %e, "{what}: coordinator unavailable, retrying in {pause:?}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
@@ -156,7 +156,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 async fn run_forever(cfg: &Config) -> Result<(), AgentError> {
     let disc = discovery_config(cfg);
     let host_ip = local_ip_towards(&cfg.coordinator);
-    let mut inventory = discover(&disc, &host_ip).await?;
+    let inventory = discover(&disc, &host_ip).await?;
     let client = Client::new(&cfg.coordinator)?;
     let (cred, _) = identity(cfg, &client, &inventory.hostname).await?;
     let client = client.with_credential(cred.clone());
@@ -164,8 +164,17 @@ async fn run_forever(cfg: &Config) -> Result<(), AgentError> {
     let beat = patiently("heartbeat", || client.heartbeat()).await.map_err(rejected)?;
     let mut period = heartbeat_period(beat.ttl_secs);
     tracing::info!(host_id = %cred.host_id, ttl_secs = beat.ttl_secs, "heartbeating every {period:?}");
-    let accepted = patiently("inventory report", || client.report_inventory(&inventory)).await.map_err(rejected)?;
-    tracing::info!(providers = accepted.providers.len(), cpus = inventory.cpu_count(), memory_mb = inventory.memory_mb, "inventory reported");
+    // The inventory last accepted; a refused report (say, less than is allocated) is
+    // retried at the next check while the host keeps heartbeating.
+    let mut reported: Option<HostInventory> = None;
+    match patiently("inventory report", || client.report_inventory(&inventory)).await {
+        Ok(accepted) => {
+            tracing::info!(providers = accepted.providers.len(), cpus = inventory.cpu_count(), memory_mb = inventory.memory_mb, "inventory reported");
+            reported = Some(inventory);
+        }
+        Err(e) if e.status() == Some(401) => return Err(rejected(e)),
+        Err(e) => tracing::error!(error = %e, "inventory refused; will report again"),
+    }
 
     let desired = tokio::spawn(follow_desired(client.clone()));
     let _abort_desired = AbortOnDrop(desired);
@@ -193,11 +202,11 @@ async fn run_forever(cfg: &Config) -> Result<(), AgentError> {
             },
             _ = recheck.tick() => {
                 let now = discover(&disc, &host_ip).await?;
-                if now != inventory {
+                if reported.as_ref() != Some(&now) {
                     match client.report_inventory(&now).await {
                         Ok(_) => {
-                            tracing::info!("inventory changed; reported");
-                            inventory = now;
+                            tracing::info!("inventory reported");
+                            reported = Some(now);
                         }
                         Err(e) if e.status() == Some(401) => return Err(rejected(e)),
                         Err(e) => tracing::warn!(error = %e, "inventory report failed; will retry"),

@@ -1,5 +1,5 @@
 //! The agent binary against a coordinator served in-process (embedded store):
-//! enrolment, inventory from the fixture host, down on kill within the lease TTL,
+//! enrolment, inventory from the fixture host (and its re-report on change), down on kill within the lease TTL,
 //! back up with the same identity on restart, a join token that works once, and a
 //! clean exit on SIGTERM.
 
@@ -23,8 +23,9 @@ struct AgentProc {
 }
 
 impl AgentProc {
+    /// Starts an agent whose host is the fixture copy under `dir/host` (see [`host_fixture`]).
     fn start(url: &str, dir: &Path, join_token: Option<&str>, log_name: &str) -> AgentProc {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sysfs");
+        let fixture = dir.join("host");
         let pool = dir.join("pool");
         std::fs::create_dir_all(&pool).unwrap();
         let config = dir.join("agent.toml");
@@ -70,6 +71,13 @@ impl Drop for AgentProc {
     }
 }
 
+/// Copies the fixture host (links and all) to `dir/host`, so a test may change it.
+fn host_fixture(dir: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sysfs");
+    let status = Command::new("cp").arg("-a").arg(&src).arg(dir.join("host")).status().unwrap();
+    assert!(status.success());
+}
+
 /// Polls `check` every 100 ms until it holds; panics with `what` and the agent's log after `limit`.
 async fn wait_until<F, Fut>(what: &str, limit: Duration, agent: &AgentProc, mut check: F) -> Duration
 where
@@ -92,6 +100,7 @@ async fn agent_enrols_reports_goes_down_when_killed_and_comes_back_as_the_same_h
     let store = site.state.store.clone();
     let token = coordinator::hosts::create_join_token(store.as_ref(), 600, None).await.unwrap();
 
+    host_fixture(dir.path());
     // First start: enrol with the token, report the fixture host's inventory, heartbeat.
     let agent = AgentProc::start(&site.url, dir.path(), Some(&token), "agent-1.log");
     wait_until("host enrolled and up", Duration::from_secs(30), &agent, || async {
@@ -116,6 +125,15 @@ async fn agent_enrols_reports_goes_down_when_killed_and_comes_back_as_the_same_h
     let pf = named("edge-e2e_PF_ens1f0");
     assert_eq!(pf.inventories["SRIOV_NET_VF"].total, 2);
     assert!(pf.traits.contains("CUSTOM_PHYSNET_PHYSNET1"));
+
+    // The operator creates two more VFs: the agent notices and re-reports.
+    let numvfs = dir.path().join("host/sys/devices/pci0000:00/0000:00:02.0/0000:03:00.0/sriov_numvfs");
+    std::fs::write(&numvfs, "4\n").unwrap();
+    let pf_uuid = pf.uuid;
+    wait_until("changed inventory re-reported", Duration::from_secs(10), &agent, || async {
+        db::get_provider(store.as_ref(), &pf_uuid).await.unwrap().is_some_and(|p| p.value.inventories["SRIOV_NET_VF"].total == 4)
+    })
+    .await;
 
     // The credential is on disk, private.
     use std::os::unix::fs::PermissionsExt;
@@ -160,6 +178,7 @@ async fn agent_enrols_reports_goes_down_when_killed_and_comes_back_as_the_same_h
 
     // The join token worked once: another host cannot use it again.
     let other = tempfile::tempdir().unwrap();
+    host_fixture(other.path());
     let mut second = AgentProc::start(&site.url, other.path(), Some(&token), "agent-3.log");
     let status = second.wait_exit(Duration::from_secs(20)).unwrap_or_else(|| panic!("second agent kept running:\n{}", second.log()));
     assert!(!status.success());
@@ -167,6 +186,7 @@ async fn agent_enrols_reports_goes_down_when_killed_and_comes_back_as_the_same_h
     assert!(!other.path().join("state/credential.json").exists());
     // An agent with neither credential nor token says what is missing.
     let none = tempfile::tempdir().unwrap();
+    host_fixture(none.path());
     let mut third = AgentProc::start(&site.url, none.path(), None, "agent-4.log");
     let status = third.wait_exit(Duration::from_secs(20)).expect("agent without token exits");
     assert!(!status.success());
