@@ -20,6 +20,9 @@
  *   guest.blkbeat      re-read the first disk sectors at every heartbeat
  *   guest.fill=MiB     write a pattern over guest memory from 4 MiB up (benchmarks)
  *   guest.blkbench=MiB read that much of the disk in 64 KiB requests (benchmarks)
+ *   guest.vsock=PORT   accept vsock connections on PORT and echo what arrives
+ *   guest.vsockconnect=PORT  connect to the host (CID 2) on PORT, say hello
+ *                      and print the answer
  *   guest.probe=N      send N probe frames (ethertype 0x88b5) and count the
  *                      ones that come back, as sent or with MACs swapped
  *
@@ -276,7 +279,7 @@ static int vq_wait(struct vq *q, u64 spins, u32 *len) {
     return (int)e->id;
 }
 
-static u64 blk_base, net_base, rng_base;
+static u64 blk_base, net_base, rng_base, vsock_base;
 
 static void find_devices(void) {
     const char *s = cmdline;
@@ -299,6 +302,7 @@ static void find_devices(void) {
             if (id == 2 && !blk_base) blk_base = base;
             if (id == 1 && !net_base) net_base = base;
             if (id == 4 && !rng_base) rng_base = base;
+            if (id == 19 && !vsock_base) vsock_base = base;
         }
     next:
         while (*s && *s != ' ') s++;
@@ -603,6 +607,172 @@ static void net_poll(void) {
     }
 }
 
+
+/* ---- virtio-vsock: a listener that echoes, and a client that says hello ---- */
+struct vs_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+#define VS_HDR 44
+#define VS_REQUEST 1
+#define VS_RESPONSE 2
+#define VS_RST 3
+#define VS_SHUTDOWN 4
+#define VS_RW 5
+#define VS_CREDIT_UPDATE 6
+#define VS_CREDIT_REQUEST 7
+#define VS_NCONN 4
+struct vs_conn { u32 lport, pport, fwd; int used, outgoing, up; };
+static struct vq vsrxq, vstxq, vsevq;
+static u8 vsrxbuf[QSZ][BUFSZ] __attribute__((aligned(64)));
+static u8 vstxbuf[2 * BUFSZ] __attribute__((aligned(64)));
+static u8 vsevbuf[8];
+static u64 vs_cid;
+static u32 vs_listen;
+static struct vs_conn vs_conns[VS_NCONN];
+
+static void vs_send(struct vs_conn *c, u16 op, u32 flags, const u8 *data, u32 len) {
+    struct vs_hdr *h = (struct vs_hdr *)vstxbuf;
+    if (len > sizeof(vstxbuf) - VS_HDR) len = sizeof(vstxbuf) - VS_HDR;
+    memset(h, 0, VS_HDR);
+    h->src_cid = vs_cid; h->dst_cid = 2;
+    h->src_port = c->lport; h->dst_port = c->pport;
+    h->len = len; h->type = 1; h->op = op; h->flags = flags;
+    h->buf_alloc = 65536; h->fwd_cnt = c->fwd;
+    if (len) memcpy(vstxbuf + VS_HDR, data, len);
+    vstxq.d[0].addr = (u64)vstxbuf; vstxq.d[0].len = VS_HDR + len; vstxq.d[0].flags = 0;
+    vq_submit(&vstxq, 0);
+    if (vq_wait(&vstxq, 100000000, 0) < 0) puts("vsock: tx timeout\n");
+}
+static struct vs_conn *vs_find(u32 lport, u32 pport) {
+    int i;
+    for (i = 0; i < VS_NCONN; i++)
+        if (vs_conns[i].used && vs_conns[i].lport == lport && vs_conns[i].pport == pport) return &vs_conns[i];
+    return 0;
+}
+static struct vs_conn *vs_new(u32 lport, u32 pport, int outgoing) {
+    int i;
+    for (i = 0; i < VS_NCONN; i++) {
+        if (!vs_conns[i].used) {
+            struct vs_conn *c = &vs_conns[i];
+            memset(c, 0, sizeof(*c));
+            c->used = 1; c->lport = lport; c->pport = pport; c->outgoing = outgoing;
+            return c;
+        }
+    }
+    return 0;
+}
+static void vs_rx(struct vs_hdr *h, u8 *data, u32 avail) {
+    struct vs_conn *c, tmp;
+    u32 len = h->len < avail ? h->len : avail;
+    if (h->dst_cid != vs_cid || h->type != 1) return;
+    c = vs_find(h->dst_port, h->src_port);
+    if (h->op == VS_REQUEST) {
+        if (!c && h->dst_port == vs_listen && (c = vs_new(h->dst_port, h->src_port, 0))) {
+            c->up = 1;
+            vs_send(c, VS_RESPONSE, 0, 0, 0);
+            puts("vsock: accepted port "); putdec(h->dst_port); puts(" from host port "); putdec(h->src_port); putc('\n');
+        } else {
+            tmp.lport = h->dst_port; tmp.pport = h->src_port; tmp.fwd = 0;
+            vs_send(&tmp, VS_RST, 0, 0, 0);
+        }
+        return;
+    }
+    if (!c) {
+        if (h->op != VS_RST) {
+            tmp.lport = h->dst_port; tmp.pport = h->src_port; tmp.fwd = 0;
+            vs_send(&tmp, VS_RST, 0, 0, 0);
+        }
+        return;
+    }
+    switch (h->op) {
+    case VS_RESPONSE:
+        if (c->outgoing && !c->up) {
+            static const char hello[] = "hello from the guest\n";
+            c->up = 1;
+            puts("vsock: connected to host port "); putdec(c->pport); putc('\n');
+            vs_send(c, VS_RW, 0, (const u8 *)hello, sizeof(hello) - 1);
+        }
+        break;
+    case VS_RW: {
+        u32 i;
+        c->fwd += len;
+        if (c->outgoing) {
+            puts("vsock: host says ");
+            for (i = 0; i < len; i++) if (data[i] != '\n') putc((char)data[i]);
+            putc('\n');
+        } else {
+            puts("vsock: got "); putdec(len); puts(" bytes on port "); putdec(c->lport); putc('\n');
+            vs_send(c, VS_RW, 0, data, len);
+        }
+        break;
+    }
+    case VS_CREDIT_REQUEST:
+        vs_send(c, VS_CREDIT_UPDATE, 0, 0, 0);
+        break;
+    case VS_SHUTDOWN:
+        puts("vsock: peer closed port "); putdec(c->lport); putc('\n');
+        vs_send(c, VS_RST, 0, 0, 0);
+        c->used = 0;
+        break;
+    case VS_RST:
+        puts("vsock: reset port "); putdec(c->lport); putc('\n');
+        c->used = 0;
+        break;
+    }
+}
+static void vs_post(u16 i) {
+    vsrxq.d[i].addr = (u64)vsrxbuf[i]; vsrxq.d[i].len = BUFSZ; vsrxq.d[i].flags = DESC_F_WRITE;
+    vsrxq.a.ring[vsrxq.a.idx % QSZ] = i;
+    barrier();
+    vsrxq.a.idx++;
+}
+static void vs_post_event(void) {
+    vsevq.d[0].addr = (u64)vsevbuf; vsevq.d[0].len = sizeof(vsevbuf); vsevq.d[0].flags = DESC_F_WRITE;
+    vsevq.a.ring[vsevq.a.idx % QSZ] = 0;
+    barrier();
+    vsevq.a.idx++;
+}
+static void vs_poll(void) {
+    int i;
+    while (vq_has_used(&vsrxq)) {
+        struct used_elem *u = &vsrxq.u.ring[vsrxq.last_used % QSZ];
+        u16 id = (u16)u->id;
+        u32 len = u->len;
+        vsrxq.last_used++;
+        if (id < QSZ && len >= VS_HDR) vs_rx((struct vs_hdr *)vsrxbuf[id], vsrxbuf[id] + VS_HDR, len - VS_HDR);
+        if (id < QSZ) vs_post(id);
+        wr32(vsock_base + VM_QUEUE_NOTIFY, 0);
+    }
+    while (vq_has_used(&vsevq)) {
+        vsevq.last_used++;
+        puts("vsock: transport reset\n");
+        for (i = 0; i < VS_NCONN; i++) vs_conns[i].used = 0;
+        vs_post_event();
+        wr32(vsock_base + VM_QUEUE_NOTIFY, 2);
+    }
+}
+static int vs_init(void) {
+    u32 i;
+    if (dev_init(vsock_base, 0, 0)) return -1;
+    if (vq_setup(vsock_base, &vsrxq, 0) || vq_setup(vsock_base, &vstxq, 1) || vq_setup(vsock_base, &vsevq, 2)) return -1;
+    vs_cid = rd32(vsock_base + VM_CONFIG) | ((u64)rd32(vsock_base + VM_CONFIG + 4) << 32);
+    for (i = 0; i < QSZ; i++) vs_post((u16)i);
+    vs_post_event();
+    dev_ready(vsock_base);
+    wr32(vsock_base + VM_QUEUE_NOTIFY, 0);
+    wr32(vsock_base + VM_QUEUE_NOTIFY, 2);
+    puts("vsock: cid "); putdec(vs_cid); putc('\n');
+    return 0;
+}
+static void vs_connect(u32 port) {
+    struct vs_conn *c = vs_new(49152, port, 1);
+    if (!c) return;
+    vs_send(c, VS_REQUEST, 0, 0, 0);
+}
+
 /* ---- i8042: a Ctrl-Alt-Del from the host ---- */
 static int kbd_e0;
 static void kbd_poll(void) {
@@ -722,9 +892,15 @@ void guest_main(u8 *boot_params) {
     hb = v ? parse_num(v, 0) : 200000;
     v = arg("guest.beats=");
     beats = v ? parse_num(v, 0) : 0;
+    if (vsock_base) {
+        if (vs_init()) { puts("vsock: init failed\n"); vsock_base = 0; }
+    }
+    if (vsock_base && (v = arg("guest.vsock="))) vs_listen = (u32)parse_num(v, 0);
+    if (vsock_base && (v = arg("guest.vsockconnect="))) vs_connect((u32)parse_num(v, 0));
     puts("guest: ready\n");
     for (;;) {
         if (net_base) net_poll();
+        if (vsock_base) vs_poll();
         if (++n % 64 == 0) kbd_poll();
         if (n >= hb) {
             n = 0;

@@ -17,6 +17,7 @@ use crate::devices::virtio::net::{Net, HDR_LEN};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::vhost_user_net::VhostUserNet;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::machine::{VirtioSlot, Vmm};
 use crate::snapshot::Snapshot;
@@ -146,6 +147,10 @@ pub fn build(
     }
     if let Some(r) = &cfg.rng {
         devices.push(("rng".into(), Box::new(Rng::new(r.rate_limit))));
+    }
+    if let Some(v) = &cfg.vsock {
+        let d = Vsock::new(v.guest_cid, &v.uds_path).map_err(|e| BuildError::Device("vsock".into(), e.to_string()))?;
+        devices.push(("vsock".into(), Box::new(d)));
     }
     let mut virtio = Vec::new();
     for (i, (id, dev)) in devices.into_iter().enumerate() {

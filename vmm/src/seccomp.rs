@@ -90,6 +90,7 @@ const VMM_SYSCALLS: &[i64] = &[
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
     libc::SYS_shutdown,
+    libc::SYS_connect,
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_readv,
@@ -138,15 +139,26 @@ const VMM_SYSCALLS: &[i64] = &[
 ];
 
 fn build(list: &[i64]) -> Result<Filter, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = list.iter().map(|s| (*s, vec![])).collect();
+    build_with(list, BTreeMap::new())
+}
+
+fn build_with(list: &[i64], extra: BTreeMap<i64, Vec<seccompiler::SeccompRule>>) -> Result<Filter, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = list.iter().map(|s| (*s, vec![])).collect();
+    rules.extend(extra);
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| SeccompError::Build(e.to_string()))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| SeccompError::Build(e.to_string()))
 }
 
-/// The filter for the VMM thread: anything outside [`VMM_SYSCALLS`] kills the process.
+/// The filter for the VMM thread: anything outside [`VMM_SYSCALLS`] kills
+/// the process, and new sockets may only be unix sockets (a guest's vsock
+/// connect to the host reaches a unix socket).
 pub fn vmm_filter() -> Result<Filter, SeccompError> {
-    build(VMM_SYSCALLS)
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    let unix_only = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| SeccompError::Build(e.to_string()))?;
+    build_with(VMM_SYSCALLS, BTreeMap::from([(libc::SYS_socket, vec![unix_only])]))
 }
 
 #[cfg(test)]

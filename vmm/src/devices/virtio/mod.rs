@@ -7,6 +7,7 @@ pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
 pub mod vhost_user_net;
+pub mod vsock;
 
 use std::os::unix::io::RawFd;
 
