@@ -95,21 +95,29 @@ async fn all_assignments(store: &dyn Store) -> Result<Vec<Assignment>, ApiError>
     db::list(store, keys::ASSIGNMENTS).await.map_err(store_err)
 }
 
-/// Projects on which the user holds any role.
-pub async fn projects_of_user(store: &dyn Store, user_id: &str) -> Result<Vec<Project>, ApiError> {
+/// Projects and domains on which the user holds any role, directly or through a group.
+async fn targets_of_user(store: &dyn Store, user_id: &str) -> Result<BTreeSet<(bool, String)>, ApiError> {
     let groups: BTreeSet<String> = groups_of(store, user_id).await?.into_iter().collect();
-    let mut ids = BTreeSet::new();
+    let mut out = BTreeSet::new();
     for a in all_assignments(store).await? {
         let mine = match &a.actor {
             Actor::User(u) => u == user_id,
             Actor::Group(g) => groups.contains(g),
         };
-        if let (true, Target::Project(p)) = (mine, &a.target) {
-            ids.insert(p.clone());
+        if mine {
+            out.insert(match a.target {
+                Target::Project(p) => (true, p),
+                Target::Domain(d) => (false, d),
+            });
         }
     }
+    Ok(out)
+}
+
+/// Projects on which the user holds any role.
+pub async fn projects_of_user(store: &dyn Store, user_id: &str) -> Result<Vec<Project>, ApiError> {
     let mut out = vec![];
-    for id in ids {
+    for (_, id) in targets_of_user(store, user_id).await?.into_iter().filter(|(is_project, _)| *is_project) {
         if let Some(p) = db::get::<Project>(store, &keys::project(&id)).await.map_err(store_err)? {
             out.push(p.value);
         }
@@ -119,19 +127,8 @@ pub async fn projects_of_user(store: &dyn Store, user_id: &str) -> Result<Vec<Pr
 
 /// Domains on which the user holds any role.
 pub async fn domains_of_user(store: &dyn Store, user_id: &str) -> Result<Vec<Domain>, ApiError> {
-    let groups: BTreeSet<String> = groups_of(store, user_id).await?.into_iter().collect();
-    let mut ids = BTreeSet::new();
-    for a in all_assignments(store).await? {
-        let mine = match &a.actor {
-            Actor::User(u) => u == user_id,
-            Actor::Group(g) => groups.contains(g),
-        };
-        if let (true, Target::Domain(d)) = (mine, &a.target) {
-            ids.insert(d.clone());
-        }
-    }
     let mut out = vec![];
-    for id in ids {
+    for (_, id) in targets_of_user(store, user_id).await?.into_iter().filter(|(is_project, _)| !*is_project) {
         if let Some(d) = db::get::<Domain>(store, &keys::domain(&id)).await.map_err(store_err)? {
             out.push(d.value);
         }
