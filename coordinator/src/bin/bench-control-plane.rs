@@ -74,12 +74,7 @@ fn row(what: &str, ours: String, reference: String) {
 }
 
 async fn load_hosts(store: Arc<dyn Store>, n: usize) -> Result<()> {
-    let existing = store.range(db::RP_PREFIX).await?.kvs.len();
-    if existing >= n {
-        eprintln!("{existing} providers already loaded");
-        return Ok(());
-    }
-    let next = Arc::new(AtomicU64::new(existing as u64));
+    let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let store = store.clone();

@@ -346,14 +346,23 @@ pub async fn must_get_provider(store: &dyn Store, uuid: &Uuid) -> Result<Version
     get_provider(store, uuid).await?.ok_or(DbError::ProviderNotFound(*uuid))
 }
 
-/// Reads every provider (a full range read; the scheduler uses its watch-fed cache instead).
+/// Reads every provider (the scheduler uses its watch-fed cache instead),
+/// sorted by uuid. The read is split into 16 ranges by the uuid's first hex
+/// digit so no single answer outgrows a gRPC message (etcd clients refuse
+/// answers over 4 MiB, about 6,500 providers). Each record is read whole, but
+/// the ranges are taken one after another: the revision returned is the
+/// oldest of them, so a watch started after it misses nothing.
 pub async fn list_providers(store: &dyn Store) -> Result<(Vec<Versioned<Provider>>, i64)> {
-    let r = store.range(RP_PREFIX).await?;
-    let mut out = Vec::with_capacity(r.kvs.len());
-    for kv in &r.kvs {
-        out.push(decode_kv(kv)?);
+    let mut out = Vec::new();
+    let mut revision = i64::MAX;
+    for digit in "0123456789abcdef".chars() {
+        let r = store.range(&format!("{RP_PREFIX}{digit}")).await?;
+        revision = revision.min(r.revision);
+        for kv in &r.kvs {
+            out.push(decode_kv(kv)?);
+        }
     }
-    Ok((out, r.revision))
+    Ok((out, revision))
 }
 
 /// Looks a provider up by name.
