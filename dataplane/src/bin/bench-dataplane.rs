@@ -1,0 +1,562 @@
+//! Benchmark of our userspace datapath beside Open vSwitch with DPDK, on the
+//! same cores in the same run. dpdk-testpmd over virtio-user stands in for
+//! the VMs: one transmits (txonly) into a vhost-user port, another receives
+//! (rxonly) on a second one. Both testpmds share CPU 0; the datapath (our
+//! worker, or OVS's PMD thread) has CPU 1 to itself.
+//!
+//! On two cores the receiving testpmd is starved of CPU, so packets are
+//! counted where the datapath delivers them: frames put on the receiving
+//! VM's ring plus those dropped because it was full (both counted by the
+//! datapath, ours and OVS's alike), or sent into the VXLAN underlay.
+//!
+//! Run through scripts/bench-dataplane, which installs packages and reserves
+//! hugepages. Needs root.
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dataplane::control::Dataplane;
+use dataplane::engine::EngineConfig;
+use dataplane::model::Model;
+use dataplane::ovs::instance::{Instance, InstanceConfig};
+use dataplane::ovs::{OvsBackend, OvsConfig, OvsPortType};
+use dataplane::vhost_user::VhostUserConfig;
+
+/// CPU of the datapath worker (ours) and of OVS's PMD thread.
+const DATAPATH_CPU: usize = 1;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    /// VM to VM on one network, no port security.
+    L2,
+    /// VM to VM across a distributed router.
+    Routed,
+    /// VM to VM on one network with a stateful security group (conntrack).
+    SecurityGroup,
+    /// VM to a VM on a remote host over VXLAN.
+    Vxlan,
+}
+
+impl Scenario {
+    fn all() -> [Scenario; 4] {
+        [Scenario::L2, Scenario::Routed, Scenario::SecurityGroup, Scenario::Vxlan]
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::L2 => "VM-VM, one network",
+            Scenario::Routed => "VM-VM, distributed router",
+            Scenario::SecurityGroup => "VM-VM, security group + conntrack",
+            Scenario::Vxlan => "VM to remote host, VXLAN",
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            Scenario::L2 => "l2",
+            Scenario::Routed => "routed",
+            Scenario::SecurityGroup => "sg",
+            Scenario::Vxlan => "vxlan",
+        }
+    }
+
+    /// The model, the destination MAC and IP the sender uses.
+    fn model(self) -> (String, &'static str, &'static str) {
+        let sec = |on: bool| if on { r#""security_groups": ["open"]"# } else { r#""port_security_enabled": false"# };
+        let sg = self == Scenario::SecurityGroup;
+        let vm2_host = if self == Scenario::Vxlan { "h2" } else { "h1" };
+        let (vm2_net, vm2_sub, vm2_ip) = if self == Scenario::Routed { ("net2", "sub2", "10.0.1.12") } else { ("net1", "sub1", "10.0.0.12") };
+        let model = format!(
+            r#"{{
+  "hosts": [{{"name": "h1", "tunnel_ip": "192.0.2.1"}}, {{"name": "h2", "tunnel_ip": "192.0.2.2"}}],
+  "networks": [{{"id": "net1", "name": "net1", "project_id": "p", "segment": {{"type": "vxlan", "vni": 100}}}},
+               {{"id": "net2", "name": "net2", "project_id": "p", "segment": {{"type": "vxlan", "vni": 200}}}}],
+  "subnets": [{{"id": "sub1", "network_id": "net1", "cidr": "10.0.0.0/24", "gateway_ip": "10.0.0.1"}},
+              {{"id": "sub2", "network_id": "net2", "cidr": "10.0.1.0/24", "gateway_ip": "10.0.1.1"}}],
+  "routers": [{{"id": "r1", "name": "r1", "interfaces": [
+      {{"subnet_id": "sub1", "ip_address": "10.0.0.1", "mac_address": "fa:16:3e:ff:00:01"}},
+      {{"subnet_id": "sub2", "ip_address": "10.0.1.1", "mac_address": "fa:16:3e:ff:00:02"}}]}}],
+  "ports": [
+    {{"id": "vm1", "network_id": "net1", "mac_address": "fa:16:3e:00:00:01", "binding_host": "h1",
+     "fixed_ips": [{{"subnet_id": "sub1", "ip_address": "10.0.0.11"}}], {s1}}},
+    {{"id": "vm2", "network_id": "{vm2_net}", "mac_address": "fa:16:3e:00:00:02", "binding_host": "{vm2_host}",
+     "fixed_ips": [{{"subnet_id": "{vm2_sub}", "ip_address": "{vm2_ip}"}}], {s2}}}
+  ],
+  "security_groups": [{{"id": "open", "name": "open", "rules": [
+    {{"direction": "egress", "ethertype": "IPv4"}}, {{"direction": "ingress", "ethertype": "IPv4"}}]}}]
+}}"#,
+            s1 = sec(sg),
+            s2 = sec(sg),
+        );
+        let dst_mac = if self == Scenario::Routed { "fa:16:3e:ff:00:01" } else { "fa:16:3e:00:00:02" };
+        (model, dst_mac, vm2_ip)
+    }
+}
+
+/// The model for the many-flows run: flowgen sends from 10.254.0.0 to 10.253.0.0 + n.
+const FLOWS_MODEL: &str = r#"{
+  "hosts": [{"name": "h1", "tunnel_ip": "192.0.2.1"}],
+  "networks": [{"id": "net1", "name": "net1", "project_id": "p", "segment": {"type": "vxlan", "vni": 100}}],
+  "subnets": [{"id": "sub1", "network_id": "net1", "cidr": "10.252.0.0/14", "gateway_ip": "10.252.0.1"}],
+  "ports": [
+    {"id": "vm1", "network_id": "net1", "mac_address": "fa:16:3e:00:00:01", "binding_host": "h1",
+     "fixed_ips": [{"subnet_id": "sub1", "ip_address": "10.254.0.0"}], "security_groups": ["open"]},
+    {"id": "vm2", "network_id": "net1", "mac_address": "fa:16:3e:00:00:02", "binding_host": "h1",
+     "fixed_ips": [{"subnet_id": "sub1", "ip_address": "10.253.0.0"}], "security_groups": ["open"]}
+  ],
+  "security_groups": [{"id": "open", "name": "open", "rules": [
+    {"direction": "egress", "ethertype": "IPv4"}, {"direction": "ingress", "ethertype": "IPv4"}]}]
+}"#;
+
+/// A dpdk-testpmd standing in for a VM; stopped on drop.
+struct Testpmd {
+    child: Child,
+    out: Arc<Mutex<String>>,
+}
+
+impl Testpmd {
+    fn start(tag: &str, socket: &Path, mac: &str, mode: &str, extra: &[String], nice: i32) -> Result<Testpmd> {
+        let vdev = format!("net_virtio_user0,path={},queues=1,mac={mac},queue_size=1024", socket.display());
+        let mut c = Command::new("nice");
+        c.arg("-n").arg(nice.to_string()).arg("dpdk-testpmd");
+        c.args(["--lcores", "0@0,1@0", "--no-pci", "--in-memory", "--single-file-segments", "-m", "128", "--log-level", "lib.eal:error"]);
+        c.arg(format!("--file-prefix=dpvbench{}{tag}", std::process::id())).arg(format!("--vdev={vdev}")).arg("--");
+        c.args(["--total-num-mbufs=16384", "--stats-period=1", "--nb-cores=1", "--rxd=1024", "--txd=1024", "--burst=32", "-a"]).arg(format!("--forward-mode={mode}"));
+        c.args(extra);
+        let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting dpdk-testpmd")?;
+        let out = Arc::new(Mutex::new(String::new()));
+        for s in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)].into_iter().flatten() {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    let mut o = out.lock().expect("output lock");
+                    if o.len() > 1 << 20 {
+                        let cut = o.len() - (1 << 19);
+                        let cut = o.floor_char_boundary(cut);
+                        o.drain(..cut);
+                    }
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        Ok(Testpmd { child, out })
+    }
+
+    /// The last "Tx-pps" testpmd printed.
+    fn tx_pps(&self) -> u64 {
+        let o = self.out.lock().expect("output lock");
+        o.rsplit("Tx-pps:").next().filter(|_| o.contains("Tx-pps:")).and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    }
+
+    fn tail(&self) -> String {
+        let o = self.out.lock().expect("output lock");
+        let s = o.floor_char_boundary(o.len().saturating_sub(2000));
+        o[s..].to_string()
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    /// Packets per second the datapath took from the sender.
+    rx_pps: f64,
+    /// Packets per second the datapath delivered (ring, ring full, or underlay).
+    out_pps: f64,
+    /// Of those, put on the receiver's ring (or sent into the underlay).
+    delivered_pps: f64,
+    /// The sender's offered rate (testpmd Tx-pps).
+    offered_pps: f64,
+    /// Extra facts (OVS PMD cycles per packet, cache hit rates).
+    note: String,
+}
+
+/// Counters (rx at the sender's port, out = delivered + full-ring drops, delivered).
+type Reading = (u64, u64, u64);
+
+fn measure(seconds: f64, mut read: impl FnMut() -> Result<Reading>) -> Result<(f64, f64, f64)> {
+    let a = read()?;
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let b = read()?;
+    let dt = t.elapsed().as_secs_f64();
+    Ok(((b.0 - a.0) as f64 / dt, (b.1 - a.1) as f64 / dt, (b.2 - a.2) as f64 / dt))
+}
+
+struct Bench {
+    dir: PathBuf,
+    seconds: f64,
+    netns: String,
+    ovs_netns: String,
+}
+
+impl Bench {
+    fn sender_args(&self, sc: Scenario, size: usize) -> Vec<String> {
+        let (_, dst_mac, dst_ip) = sc.model();
+        vec![format!("--eth-peer=0,{dst_mac}"), format!("--tx-ip=10.0.0.11,{dst_ip}"), format!("--txpkts={size}")]
+    }
+
+    fn wait_ready(&self, what: &str, mut ready: impl FnMut() -> bool, pmd: &Testpmd) -> Result<()> {
+        let t = Instant::now();
+        while !ready() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("{what} did not connect:\n{}", pmd.tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Our datapath: one worker on DATAPATH_CPU.
+    fn ours(&self, sc: Scenario, size: usize, flows: Option<u32>) -> Result<Sample> {
+        let (model, _, _) = sc.model();
+        let model = if flows.is_some() { FLOWS_MODEL.to_string() } else { model };
+        let dp = Dataplane::start("h1", EngineConfig { workers: 1, pin: vec![DATAPATH_CPU], busy_rounds: u32::MAX });
+        dp.apply_model(Model::from_json(&model)?)?;
+        let sock = |id: &str| self.dir.join(format!("ours-{}-{id}.sock", sc.key()));
+        let a = dp.add_vhost_user_port("vm1", &VhostUserConfig::new(sock("vm1")))?;
+        let b = if sc == Scenario::Vxlan {
+            dp.add_tunnel(Ipv4Addr::new(192, 0, 2, 1), Some(&PathBuf::from(format!("/run/netns/{}", self.netns))))?
+        } else {
+            dp.add_vhost_user_port("vm2", &VhostUserConfig::new(sock("vm2")))?
+        };
+        let _rx = if sc != Scenario::Vxlan {
+            let rx = Testpmd::start("r", &sock("vm2"), "fa:16:3e:00:00:02", "rxonly", &[], 10)?;
+            self.wait_ready("receiver", || Path::new(&sock("vm2")).exists() && dp.stats().ports.iter().any(|p| p.0 == b), &rx)?;
+            std::thread::sleep(Duration::from_secs(2));
+            Some(rx)
+        } else {
+            None
+        };
+        let args = match flows {
+            Some(n) => vec!["--eth-peer=0,fa:16:3e:00:00:02".to_string(), format!("--txpkts={size}"), format!("--flowgen-flows={n}")],
+            None => self.sender_args(sc, size),
+        };
+        let tx = Testpmd::start("t", &sock("vm1"), "fa:16:3e:00:00:01", if flows.is_some() { "flowgen" } else { "txonly" }, &args, 0)?;
+        self.wait_ready("sender", || dp.stats().ports.iter().any(|p| p.0 == a && p.2 > 0), &tx)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let before = dp.stats();
+        let (rx_pps, out_pps, delivered_pps) = measure(self.seconds, || {
+            let s = dp.stats();
+            let pa = s.ports.iter().find(|p| p.0 == a).map(|p| p.2).unwrap_or(0);
+            let (t, d) = s.ports.iter().find(|p| p.0 == b).map(|p| (p.3, p.4)).unwrap_or((0, 0));
+            Ok((pa, t + d, t))
+        })?;
+        let after = dp.stats();
+        let lookups = |s: &dataplane::engine::EngineStats| (s.emc_hits + s.megaflow_hits, s.upcalls);
+        let (h0, u0) = lookups(&before);
+        let (h1, u1) = lookups(&after);
+        let hits = (h1 - h0) as f64;
+        let total = hits + (u1 - u0) as f64;
+        let mut note = format!("cache hit rate {:.4}%", if total > 0.0 { 100.0 * hits / total } else { 0.0 });
+        if flows.is_some() {
+            note += &format!(", {} connections, {} megaflows", after.connections, after.megaflows);
+        }
+        let top_drops: Vec<String> = after.drops.iter().filter(|d| d.1 > 0).map(|(w, n)| format!("{w}: {n}")).collect();
+        if !top_drops.is_empty() {
+            note += &format!(", drops {}", top_drops.join("; "));
+        }
+        let offered = tx.tx_pps() as f64;
+        if rx_pps == 0.0 {
+            bail!("no traffic reached our datapath: {:?}\n{}", after, tx.tail());
+        }
+        Ok(Sample { rx_pps, out_pps, delivered_pps, offered_pps: offered, note })
+    }
+
+    /// OVS with DPDK carrying the same pipeline, rendered to OpenFlow.
+    fn ovs(&self, inst: &Instance, sc: Scenario, size: usize, flows: Option<u32>) -> Result<Sample> {
+        let (model, _, _) = sc.model();
+        let model = if flows.is_some() { FLOWS_MODEL.to_string() } else { model };
+        let bridge = format!("brb{}", sc.key());
+        let mut ovs = OvsBackend::connect(OvsConfig { db_socket: inst.db_socket(), rundir: inst.rundir().to_path_buf(), bridge: bridge.clone(), datapath_type: "netdev".into(), host: "h1".into() })?;
+        let guard = BridgeGuard(Some(bridge.clone()), inst);
+        ovs.apply_model(Model::from_json(&model)?)?;
+        let a_name = format!("vhu{}a", sc.key());
+        let b_name = format!("vhu{}b", sc.key());
+        let a = ovs.add_port("vm1", &a_name, OvsPortType::DpdkVhostUser)?;
+        let sock_a = inst.rundir().join(&a_name);
+        let b = if sc == Scenario::Vxlan {
+            self.ovs_underlay(inst)?;
+            ovs.add_tunnel(Ipv4Addr::new(192, 0, 2, 1))?
+        } else {
+            ovs.add_port("vm2", &b_name, OvsPortType::DpdkVhostUser)?
+        };
+        let _ = a;
+        let _rx = if sc != Scenario::Vxlan {
+            let sock_b = inst.rundir().join(&b_name);
+            let rx = Testpmd::start("r", &sock_b, "fa:16:3e:00:00:02", "rxonly", &[], 10)?;
+            std::thread::sleep(Duration::from_secs(3));
+            Some(rx)
+        } else {
+            None
+        };
+        let args = match flows {
+            Some(n) => vec!["--eth-peer=0,fa:16:3e:00:00:02".to_string(), format!("--txpkts={size}"), format!("--flowgen-flows={n}")],
+            None => self.sender_args(sc, size),
+        };
+        let tx = Testpmd::start("t", &sock_a, "fa:16:3e:00:00:01", if flows.is_some() { "flowgen" } else { "txonly" }, &args, 0)?;
+        let out_port = b;
+        let read = || -> Result<Reading> {
+            let pmd = inst.appctl(&["dpif-netdev/pmd-stats-show"])?;
+            let rx: u64 = pmd.lines().filter_map(|l| l.trim().strip_prefix("packets received:")).filter_map(|v| v.trim().parse::<u64>().ok()).sum();
+            let out = flow_packets_to(&ovs.dump_flows()?, out_port);
+            let failed = if sc == Scenario::Vxlan { 0 } else { tx_failure_drops(inst, &bridge, out_port)? };
+            Ok((rx, out, out.saturating_sub(failed)))
+        };
+        self.wait_ready("sender", || read().map(|r| r.0 > 0).unwrap_or(false), &tx).with_context(|| inst.log())?;
+        std::thread::sleep(Duration::from_secs(2));
+        inst.appctl(&["dpif-netdev/pmd-stats-clear"])?;
+        let (rx_pps, out_pps, delivered_pps) = measure(self.seconds, read)?;
+        let pmd = inst.appctl(&["dpif-netdev/pmd-stats-show"])?;
+        let pick = |name: &str| pmd.lines().find(|l| l.trim_start().starts_with(name)).and_then(|l| l.rsplit(':').next()).map(|v| v.trim().split_whitespace().next().unwrap_or("").to_string()).unwrap_or_default();
+        let mut note = format!(
+            "PMD {} cycles/packet, emc hits {}, smc hits {}, megaflow hits {}, upcalls {}",
+            pick("avg processing cycles per packet"),
+            pick("emc hits"),
+            pick("smc hits"),
+            pick("megaflow hits"),
+            pick("miss with success upcall")
+        );
+        if ovs.rendered().unsupported.values().sum::<usize>() > 0 {
+            note += &format!(", flows without a controller: {:?}", ovs.rendered().unsupported);
+        }
+        let offered = tx.tx_pps() as f64;
+        drop(tx);
+        drop(_rx);
+        drop(guard);
+        if rx_pps == 0.0 {
+            bail!("no traffic reached OVS:\n{}\n{}", ovs.dump_flows().unwrap_or_default(), inst.log());
+        }
+        Ok(Sample { rx_pps, out_pps, delivered_pps, offered_pps: offered, note })
+    }
+
+    /// OVS's VXLAN underlay: bridge brbphy with 192.0.2.1 on its internal
+    /// port and a DPDK null device as the "NIC", so encapsulated packets are
+    /// counted and discarded at full speed.
+    fn ovs_underlay(&self, inst: &Instance) -> Result<()> {
+        let db = format!("--db=unix:{}", inst.db_socket().display());
+        let vsctl = |args: &[&str]| -> Result<()> {
+            let o = Command::new("ovs-vsctl").arg(&db).args(args).output()?;
+            if !o.status.success() {
+                bail!("ovs-vsctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            Ok(())
+        };
+        vsctl(&["--may-exist", "add-br", "brbphy", "--", "set", "bridge", "brbphy", "datapath_type=netdev", "fail_mode=secure"])?;
+        vsctl(&["--may-exist", "add-port", "brbphy", "null0", "--", "set", "Interface", "null0", "type=dpdk", "options:dpdk-devargs=net_null0", "ofport_request=1"])?;
+        let ns = |args: &[&str]| Command::new("ip").args(["netns", "exec", &self.ovs_netns]).args(args).status();
+        let mut t = Instant::now();
+        while ns(&["ip", "link", "set", "brbphy", "up"]).map(|s| !s.success()).unwrap_or(true) {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("brbphy did not appear");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = ns(&["ip", "addr", "add", "192.0.2.1/24", "dev", "brbphy"]);
+        let o = Command::new("ovs-ofctl").args(["add-flow", &format!("unix:{}/brbphy.mgmt", inst.rundir().display()), "in_port=LOCAL,actions=output:1"]).output()?;
+        if !o.status.success() {
+            bail!("ovs-ofctl add-flow: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        t = Instant::now();
+        while inst.appctl(&["ovs/route/show"]).map(|r| !r.contains("192.0.2.0/24")).unwrap_or(true) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = inst.appctl(&["ovs/route/add", "192.0.2.2/32", "brbphy"]);
+        inst.appctl(&["tnl/arp/set", "brbphy", "192.0.2.2", "02:00:00:00:00:02"])?;
+        Ok(())
+    }
+}
+
+/// Deletes a bridge when a run ends, also on error.
+struct BridgeGuard<'a>(Option<String>, &'a Instance);
+
+impl Drop for BridgeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            let _ = Command::new("ovs-vsctl").arg(format!("--db=unix:{}", self.1.db_socket().display())).args(["--if-exists", "del-br", &b]).output();
+            let _ = Command::new("ovs-vsctl").arg(format!("--db=unix:{}", self.1.db_socket().display())).args(["--if-exists", "del-br", "brbphy"]).output();
+        }
+    }
+}
+
+/// Packets that flows outputting to OpenFlow port `port` have carried.
+fn flow_packets_to(dump: &str, port: u32) -> u64 {
+    let needle = format!("output:{port}");
+    dump.lines()
+        .filter(|l| l.split("actions=").nth(1).is_some_and(|a| a.split(',').any(|x| x == needle)))
+        .filter_map(|l| l.split("n_packets=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Frames OVS-DPDK could not put on a vhost-user port's ring (its custom port statistics).
+fn tx_failure_drops(inst: &Instance, bridge: &str, port: u32) -> Result<u64> {
+    let o = Command::new("ovs-ofctl").args(["-O", "OpenFlow15", "--no-names", "dump-ports", &format!("unix:{}/{bridge}.mgmt", inst.rundir().display()), &port.to_string()]).output()?;
+    if !o.status.success() {
+        bail!("dump-ports {bridge}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    Ok(text.split("ovs_tx_failure_drops=").nth(1).and_then(|r| r.split([',', ' ', '\n']).next()).and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+fn fmt_rate(pps: f64, size: usize) -> String {
+    // Gbit/s on the wire-size frame (with the 4-byte FCS that virtio does not carry).
+    format!("{:>6.2} Mpps {:>6.2} Gb/s", pps / 1e6, pps * ((size + 4) * 8) as f64 / 1e9)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let seconds: f64 = opt("--seconds").map(|s| s.parse()).transpose()?.unwrap_or(5.0);
+    let no_ovs = args.iter().any(|a| a == "--no-ovs");
+    let only: Option<String> = opt("--only");
+    let sizes: Vec<usize> = opt("--sizes").map(|s| s.split(',').map(|x| x.parse()).collect::<Result<_, _>>()).transpose()?.unwrap_or(vec![60, 1514]);
+    let flows: u32 = opt("--flows").map(|s| s.parse()).transpose()?.unwrap_or(10_000);
+    let dir = PathBuf::from(opt("--dir").unwrap_or_else(|| format!("/tmp/bench-dataplane-{}", std::process::id())));
+    std::fs::create_dir_all(&dir)?;
+    let netns = format!("dpvbench{}", std::process::id());
+    let _ns = Netns::create(&netns, true)?;
+    let ovs_netns = format!("dpvbenchovs{}", std::process::id());
+    let _ovs_ns = Netns::create(&ovs_netns, false)?;
+    let bench = Bench { dir: dir.clone(), seconds, netns: netns.clone(), ovs_netns: ovs_netns.clone() };
+
+    println!("# bench-dataplane: one datapath worker / OVS PMD thread on CPU {DATAPATH_CPU}, both testpmds on CPU 0, {seconds} s per run");
+    println!("# Rates are packets the datapath took from the sending VM (rx) and handed on (out: onto the receiving ring, dropped there as ring-full, or into the VXLAN underlay).");
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let runs: Vec<(Scenario, usize)> = Scenario::all().into_iter().filter(|sc| only.as_deref().is_none_or(|o| o == sc.key())).flat_map(|sc| sizes.iter().map(move |s| (sc, *s))).collect();
+    let want_flows = only.is_none() || only.as_deref() == Some("flows");
+    // Ours first, then OVS: OVS's PMD thread spins on the same CPU while it runs.
+    for &(sc, size) in &runs {
+        eprintln!("ours: {} {}B", sc.key(), size + 4);
+        rows.push((sc, size, bench.ours(sc, size, None), None));
+    }
+    let ours_flows = want_flows.then(|| bench.ours(Scenario::SecurityGroup, 60, Some(flows)));
+    let mut ovs_flows = None;
+    let inst = if no_ovs {
+        None
+    } else {
+        let mut cfg = InstanceConfig::new(dir.join("ovs"));
+        cfg.vswitchd = PathBuf::from("/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk");
+        cfg.netns = Some(ovs_netns.clone());
+        cfg.other_config = vec![
+            ("dpdk-init".into(), "true".into()),
+            ("dpdk-socket-mem".into(), "512".into()),
+            ("dpdk-lcore-mask".into(), "0x1".into()),
+            ("pmd-cpu-mask".into(), format!("{:#x}", 1 << DATAPATH_CPU)),
+            ("dpdk-extra".into(), format!("--file-prefix=dpvbenchovs{} --single-file-segments --no-pci", std::process::id())),
+        ];
+        Some(Instance::start(cfg).context("starting OVS with DPDK")?)
+    };
+
+    if let Some(i) = &inst {
+        for (k, &(sc, size)) in runs.iter().enumerate() {
+            eprintln!("OVS: {} {}B", sc.key(), size + 4);
+            rows[k].3 = Some(bench.ovs(i, sc, size, None));
+        }
+        if want_flows {
+            ovs_flows = Some(bench.ovs(i, Scenario::SecurityGroup, 60, Some(flows)));
+        }
+    }
+    drop(inst);
+    println!();
+    println!("{:<36} {:>5} | {:^26} | {:^26} | {:>5} | {:>8} {:>8}", "scenario", "frame", "ours (out)", "OVS-DPDK (out)", "x", "offered", "offered");
+    println!("{:<36} {:>5} | {:^26} | {:^26} | {:>5} | {:>8} {:>8}", "", "bytes", "", "", "", "ours", "OVS");
+    for (sc, size, ours, theirs) in &rows {
+        let o = ours.as_ref().map(|s| s.out_pps).unwrap_or(0.0);
+        let t = theirs.as_ref().and_then(|r| r.as_ref().ok()).map(|s| s.out_pps).unwrap_or(0.0);
+        let ratio = if t > 0.0 { format!("{:.2}", o / t) } else { "-".into() };
+        let off = |s: &Result<Sample>| s.as_ref().map(|s| format!("{:.2}", s.offered_pps / 1e6)).unwrap_or("-".into());
+        println!(
+            "{:<36} {:>5} | {:>26} | {:>26} | {:>5} | {:>8} {:>8}",
+            sc.name(),
+            size + 4,
+            fmt_rate(o, *size),
+            if theirs.is_some() { fmt_rate(t, *size) } else { "not run".into() },
+            ratio,
+            off(ours),
+            theirs.as_ref().map(off).unwrap_or("-".into())
+        );
+        match ours {
+            Ok(s) => notes.push(format!("ours {} {}B: rx {:.2} Mpps, on ring {:.2} Mpps; {}", sc.key(), size + 4, s.rx_pps / 1e6, s.delivered_pps / 1e6, s.note)),
+            Err(e) => notes.push(format!("ours {} {}B failed: {e:#}", sc.key(), size + 4)),
+        }
+        match theirs {
+            Some(Ok(s)) => notes.push(format!("OVS  {} {}B: rx {:.2} Mpps, on ring {:.2} Mpps; {}", sc.key(), size + 4, s.rx_pps / 1e6, s.delivered_pps / 1e6, s.note)),
+            Some(Err(e)) => notes.push(format!("OVS  {} {}B failed: {e:#}", sc.key(), size + 4)),
+            None => {}
+        }
+    }
+    println!();
+    for n in &notes {
+        println!("  {n}");
+    }
+    if let Some(r) = ours_flows {
+        println!();
+        println!("# Cache hit rate with {flows} active flows (testpmd flowgen, security group + conntrack, 64-byte frames)");
+        match r {
+            Ok(s) => println!("  ours: {} ; {}", fmt_rate(s.out_pps, 60), s.note),
+            Err(e) => println!("  ours failed: {e:#}"),
+        }
+        match ovs_flows {
+            Some(Ok(s)) => println!("  OVS:  {} ; {}", fmt_rate(s.out_pps, 60), s.note),
+            Some(Err(e)) => println!("  OVS failed: {e:#}"),
+            None => {}
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A network namespace, with the VXLAN underlay when asked (a veth with
+/// 192.0.2.1/24 whose peer discards what is sent to the remote endpoint,
+/// 192.0.2.2, a static neighbour); deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: &str, underlay: bool) -> Result<Netns> {
+        let run = |args: &[&str]| -> Result<()> {
+            let o = Command::new("ip").args(args).output()?;
+            if !o.status.success() {
+                bail!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            Ok(())
+        };
+        run(&["netns", "add", name])?;
+        let ns = Netns(name.to_string());
+        run(&["-n", name, "link", "set", "lo", "up"])?;
+        if !underlay {
+            return Ok(ns);
+        }
+        run(&["-n", name, "link", "add", "und0", "type", "veth", "peer", "name", "und1"])?;
+        run(&["-n", name, "addr", "add", "192.0.2.1/24", "dev", "und0"])?;
+        run(&["-n", name, "link", "set", "und0", "up"])?;
+        run(&["-n", name, "link", "set", "und1", "up"])?;
+        run(&["-n", name, "neigh", "add", "192.0.2.2", "lladdr", "02:00:00:00:00:02", "dev", "und0"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
