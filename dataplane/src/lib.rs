@@ -8,6 +8,8 @@
 pub mod compiler;
 pub mod conntrack;
 pub mod control;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod dhcp;
 pub mod engine;
 pub mod flow;
