@@ -19,11 +19,11 @@ use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::vhost_user_net::VhostUserNet;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
-use crate::machine::{VirtioSlot, Vmm};
+use crate::machine::{DeferredIoevent, VirtioSlot, Vmm};
 use crate::snapshot::Snapshot;
 use crate::vstate::kvm::KvmContext;
-use crate::vstate::memory;
-use crate::vstate::vcpu::Vcpu;
+use crate::vstate::memory::{self, GuestMemoryMmap};
+use crate::vstate::vcpu::{Vcpu, VcpuRunner};
 use crate::vstate::vm::Vm;
 
 /// Errors assembling the VM; each names the step that failed.
@@ -72,26 +72,103 @@ pub enum BuildError {
 
 /// Builds a VM from `cfg` and boots its kernel, or restores `snapshot`
 /// (memory from `snapshot_dir`). vCPUs start paused when `paused`.
+///
+/// Returns the VM, whose [`Vmm::run`] is for another thread, and vCPU 0's
+/// loop, for the calling thread: it is on a CPU already, and a new thread
+/// could wait milliseconds for one on a busy host.
+///
+/// The order is chosen for time to first guest instruction: the memory
+/// slot goes in before the irqchip (see below), and the queue ioeventfds
+/// (one SRCU grace period each) are registered by the event loop after the
+/// vCPUs run; until then a queue notification reaches the device through
+/// an MMIO exit, which does the same.
 pub fn build(
     cfg: VmConfig,
     snapshot: Option<(&Snapshot, &Path)>,
     paused: bool,
-) -> Result<Vmm, BuildError> {
+) -> Result<(Vmm, VcpuRunner), BuildError> {
+    crate::timing::mark(&crate::timing::BUILD_START);
     cfg.validate()?;
     let kvm = KvmContext::new()?;
     let mem = match snapshot {
         Some((snap, dir)) => Arc::new(crate::snapshot::restore_memory(&cfg.machine, snap, dir).map_err(BuildError::Restore)?),
         None => Arc::new(memory::create(&cfg.machine)?),
     };
-    let mut vm = Vm::new(&kvm)?;
+    // The VM first: its memory slot is the VM's first SRCU grace period,
+    // which the kernel does not delay (registered after the irqchip's, it
+    // waited for a timer tick or two).
+    let n = cfg.machine.vcpus;
+    let mut vm = Vm::create(&kvm)?;
     vm.register_memory(&mem)?;
+    vm.create_irqchip()?;
+    let mut vcpus = Vec::new();
+    for id in 0..n {
+        vcpus.push(Vcpu::new(&vm.fd, id, &cpuid::for_vcpu(&kvm.supported_cpuid, id, n))?);
+    }
+    crate::timing::mark(&crate::timing::VM_READY);
+    let parts = assemble(&cfg, snapshot, &mem)?;
+    crate::timing::mark(&crate::timing::GUEST_LOADED);
+    let Parts { pio, mmio, serial, i8042, virtio, irqfds, ioevents, entry, exit_evt, reset_evt } = parts;
+    for (gsi, e) in &irqfds {
+        vm.fd.register_irqfd(e, *gsi).map_err(|e| BuildError::Wiring(format!("irqfd for IRQ {gsi}: {e}")))?;
+    }
 
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Wiring(e.to_string()))?;
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Wiring(e.to_string()))?;
-    let irqfd = |gsi: u32| -> Result<EventFd, BuildError> {
-        let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Wiring(e.to_string()))?;
-        vm.fd.register_irqfd(&e, gsi).map_err(|e| BuildError::Wiring(format!("irqfd for IRQ {gsi}: {e}")))?;
-        e.try_clone().map_err(|e| BuildError::Wiring(e.to_string()))
+    match (snapshot, entry) {
+        (None, Some(entry)) => {
+            for v in &vcpus {
+                v.configure_boot(entry)?;
+            }
+        }
+        (Some((snap, _)), _) => {
+            if snap.vcpus.len() != vcpus.len() {
+                return Err(BuildError::Restore(format!(
+                    "The snapshot has {} vCPUs, the config {}",
+                    snap.vcpus.len(),
+                    vcpus.len()
+                )));
+            }
+            vm.restore_state(&snap.vm)?;
+            for (v, s) in vcpus.iter().zip(&snap.vcpus) {
+                v.restore(s)?;
+            }
+        }
+        (None, None) => return Err(BuildError::NoKernel),
+    }
+
+    let started = Vmm::start(cfg, kvm, vm, mem, vcpus, pio, mmio, serial, i8042, virtio, exit_evt, reset_evt, paused, ioevents)
+        .map_err(|e| BuildError::Wiring(e.to_string()))?;
+    crate::timing::mark(&crate::timing::VCPUS_STARTED);
+    Ok(started)
+}
+
+/// Devices, buses and boot state, ready to be joined with the VM.
+struct Parts {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    virtio: Vec<VirtioSlot>,
+    /// Interrupt eventfds to register as irqfds, by GSI.
+    irqfds: Vec<(u32, EventFd)>,
+    /// Queue notification eventfds to register as ioeventfds: (eventfd, address, queue, device).
+    ioevents: Vec<DeferredIoevent>,
+    /// Kernel entry point (None when restoring).
+    entry: Option<u64>,
+    exit_evt: EventFd,
+    reset_evt: EventFd,
+}
+
+/// Devices, kernel and boot tables: everything that needs guest memory but
+/// not the KVM VM.
+fn assemble(cfg: &VmConfig, snapshot: Option<(&Snapshot, &Path)>, mem: &Arc<GuestMemoryMmap>) -> Result<Parts, BuildError> {
+    let wiring = |e: std::io::Error| BuildError::Wiring(e.to_string());
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(wiring)?;
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(wiring)?;
+    let mut irqfds: Vec<(u32, EventFd)> = Vec::new();
+    let mut irqfd = |gsi: u32| -> Result<EventFd, BuildError> {
+        let e = EventFd::new(libc::EFD_NONBLOCK).map_err(wiring)?;
+        irqfds.push((gsi, e.try_clone().map_err(wiring)?));
+        Ok(e)
     };
 
     // Legacy devices on port I/O.
@@ -109,10 +186,7 @@ pub fn build(
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone() as Arc<Mutex<dyn BusDevice>>, u64::from(layout::SERIAL_PORT), 8)
         .map_err(|e| BuildError::Wiring(e.to_string()))?;
-    let i8042 = I8042::new(
-        reset_evt.try_clone().map_err(|e| BuildError::Wiring(e.to_string()))?,
-        irqfd(layout::I8042_IRQ)?,
-    );
+    let i8042 = I8042::new(reset_evt.try_clone().map_err(wiring)?, irqfd(layout::I8042_IRQ)?);
     let i8042 = Arc::new(Mutex::new(i8042));
     if let Some((s, _)) = snapshot {
         i8042.lock().unwrap().restore(&s.i8042);
@@ -153,17 +227,16 @@ pub fn build(
         devices.push(("vsock".into(), Box::new(d)));
     }
     let mut virtio = Vec::new();
+    let mut ioevents = Vec::new();
     for (i, (id, dev)) in devices.into_iter().enumerate() {
         let irq = layout::VIRTIO_IRQ_START + i as u32;
         if irq > layout::IRQ_MAX {
             return Err(BuildError::NoIrq);
         }
         let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
-        let t = MmioTransport::new(id.clone(), dev, mem.clone(), irqfd(irq)?).map_err(|e| BuildError::Wiring(e.to_string()))?;
+        let t = MmioTransport::new(id.clone(), dev, mem.clone(), irqfd(irq)?).map_err(wiring)?;
         for (q, evt) in t.queue_evts().iter().enumerate() {
-            vm.fd
-                .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr + 0x50), q as u32)
-                .map_err(|e| BuildError::Wiring(format!("ioeventfd for {id} queue {q}: {e}")))?;
+            ioevents.push((evt.try_clone().map_err(wiring)?, addr + 0x50, q as u32, id.clone()));
         }
         let t = Arc::new(Mutex::new(t));
         mmio.insert(t.clone() as Arc<Mutex<dyn BusDevice>>, addr, layout::VIRTIO_MMIO_SIZE)
@@ -171,42 +244,22 @@ pub fn build(
         virtio.push(VirtioSlot { id, addr, irq, transport: t });
     }
 
-    // vCPUs.
-    let n = cfg.machine.vcpus;
-    let mut vcpus = Vec::new();
-    for id in 0..n {
-        vcpus.push(Vcpu::new(&vm.fd, id, &cpuid::for_vcpu(&kvm.supported_cpuid, id, n))?);
-    }
-
-    match snapshot {
+    let entry = match snapshot {
         None => {
             let bootcfg = cfg.boot.as_ref().ok_or(BuildError::NoKernel)?;
-            let kernel = boot::load_kernel(&mem, &bootcfg.kernel)?;
+            let kernel = boot::load_kernel(mem, &bootcfg.kernel)?;
             let initrd = match &bootcfg.initrd {
-                Some(p) => Some(boot::load_initrd(&mem, p, kernel.end)?),
+                Some(p) => Some(boot::load_initrd(mem, p, kernel.end)?),
                 None => None,
             };
             let list: Vec<(u64, u32)> = virtio.iter().map(|v| (v.addr, v.irq)).collect();
             let cmdline = boot::build_cmdline(&bootcfg.cmdline, &list)?;
-            boot::write_boot_params(&mem, &kernel, &cmdline, initrd)?;
-            regs::write_boot_tables(&mem)?;
-            mptable::setup(&mem, n)?;
-            for v in &vcpus {
-                v.configure_boot(kernel.entry)?;
-            }
+            boot::write_boot_params(mem, &kernel, &cmdline, initrd)?;
+            regs::write_boot_tables(mem)?;
+            mptable::setup(mem, cfg.machine.vcpus)?;
+            Some(kernel.entry)
         }
         Some((snap, _)) => {
-            if snap.vcpus.len() != vcpus.len() {
-                return Err(BuildError::Restore(format!(
-                    "The snapshot has {} vCPUs, the config {}",
-                    snap.vcpus.len(),
-                    vcpus.len()
-                )));
-            }
-            vm.restore_state(&snap.vm)?;
-            for (v, s) in vcpus.iter().zip(&snap.vcpus) {
-                v.restore(s)?;
-            }
             if snap.virtio.len() != virtio.len() {
                 return Err(BuildError::Restore("The snapshot's device list differs from the config".into()));
             }
@@ -216,9 +269,8 @@ pub fn build(
                 }
                 slot.transport.lock().unwrap().restore(&s.mmio).map_err(BuildError::Restore)?;
             }
+            None
         }
-    }
-
-    Vmm::start(cfg, kvm, vm, mem, vcpus, pio, mmio, serial, i8042, virtio, exit_evt, reset_evt, paused)
-        .map_err(|e| BuildError::Wiring(e.to_string()))
+    };
+    Ok(Parts { pio, mmio, serial, i8042, virtio, irqfds, ioevents, entry, exit_evt, reset_evt })
 }

@@ -20,7 +20,7 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::{self, GuestMemoryMmap};
-use crate::vstate::vcpu::{ExitReason, Vcpu, VcpuHandle};
+use crate::vstate::vcpu::{ExitReason, Vcpu, VcpuHandle, VcpuRunner};
 use crate::vstate::vm::Vm;
 
 /// A virtio device and where the guest finds it.
@@ -102,10 +102,25 @@ pub struct Vmm {
     /// Handler for readiness of the API listener, set by the API server.
     api: Option<Box<dyn FnMut(&mut Vmm) + Send>>,
     api_fd: Option<RawFd>,
+    ioevents: Vec<DeferredIoevent>,
+}
+
+/// A queue notification eventfd to register as a KVM ioeventfd: (eventfd,
+/// MMIO address, queue index as datamatch, device id).
+pub type DeferredIoevent = (EventFd, u64, u32, String);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        // Also on a panic of the VMM thread: no vCPU (vCPU 0 runs on the
+        // main thread) may outlive the event loop.
+        self.shutdown_vcpus();
+    }
 }
 
 impl Vmm {
-    /// Starts the vCPU threads and sets up the event loop (called by the builder).
+    /// Starts the vCPU threads and sets up the event loop (called by the
+    /// builder). vCPU 0 is returned to be run by the calling thread, which
+    /// must hand the `Vmm` to another thread for [`Vmm::run`].
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: VmConfig,
@@ -121,7 +136,8 @@ impl Vmm {
         exit_evt: EventFd,
         reset_evt: EventFd,
         paused: bool,
-    ) -> std::io::Result<Self> {
+        ioevents: Vec<DeferredIoevent>,
+    ) -> std::io::Result<(Self, VcpuRunner)> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token: u64, edge: bool| {
             let mut set = EventSet::IN;
@@ -146,15 +162,24 @@ impl Vmm {
         let exit_reason = Arc::new(Mutex::new(None));
         let seccomp = config.machine.seccomp;
         let mut handles = Vec::new();
+        let mut first = None;
         for v in vcpus {
             let pin = config.machine.vcpu_pin.get(v.id as usize).copied();
             let filter = if seccomp { Some(crate::seccomp::vcpu_filter().map_err(std::io::Error::other)?) } else { None };
-            let h = v
-                .start(pio.clone(), mmio.clone(), exit_evt.try_clone()?, exit_reason.clone(), paused, pin, filter)
-                .map_err(std::io::Error::other)?;
+            let (evt, why) = (exit_evt.try_clone()?, exit_reason.clone());
+            let h = if v.id == 0 {
+                let (h, r) = v
+                    .run_on_current_thread(pio.clone(), mmio.clone(), evt, why, paused, pin, filter)
+                    .map_err(std::io::Error::other)?;
+                first = Some(r);
+                h
+            } else {
+                v.start(pio.clone(), mmio.clone(), evt, why, paused, pin, filter).map_err(std::io::Error::other)?
+            };
             handles.push(h);
         }
-        Ok(Vmm {
+        let first = first.ok_or_else(|| std::io::Error::other("A VM needs a vCPU 0"))?;
+        let vmm = Vmm {
             config,
             kvm,
             vm,
@@ -172,7 +197,21 @@ impl Vmm {
             stop: None,
             api: None,
             api_fd: None,
-        })
+            ioevents,
+        };
+        Ok((vmm, first))
+    }
+
+    /// Registers the queue ioeventfds the builder left for later (each
+    /// costs KVM an SRCU grace period; until then notifications come as
+    /// MMIO exits, which the transport turns into the same eventfd writes).
+    pub fn register_deferred_ioevents(&mut self) {
+        for (evt, addr, q, id) in std::mem::take(&mut self.ioevents) {
+            if let Err(e) = self.vm.fd.register_ioevent(&evt, &kvm_ioctls::IoEventAddress::Mmio(addr), q) {
+                eprintln!("vmm: ioeventfd for {id} queue {q}: {e}; notifications go through MMIO exits");
+            }
+        }
+        crate::timing::mark(&crate::timing::IOEVENTFDS_READY);
     }
 
     /// Registers the API listener fd and the handler to call when it is readable.
@@ -190,10 +229,14 @@ impl Vmm {
 
     /// Runs the device event loop until the guest stops or power off is requested.
     pub fn run(&mut self) -> StopReason {
+        self.register_deferred_ioevents();
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             if let Some(r) = self.stop.take() {
                 self.shutdown_vcpus();
+                for s in &self.virtio {
+                    s.transport.lock().unwrap().shutdown();
+                }
                 return r;
             }
             let timeout = self

@@ -129,13 +129,33 @@ fn run() -> ExitCode {
     }
     let paused = args.paused || (snapshot.is_some() && !args.resume);
     let snap = snapshot.as_ref().zip(args.restore.as_deref());
-    let mut vm = match vmm::builder::build(cfg, snap, paused) {
+    let (vm, vcpu0) = match vmm::builder::build(cfg, snap, paused) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmm: {e}");
             return ExitCode::from(1);
         }
     };
+    // This thread becomes vCPU 0 right away; the control API and the device
+    // event loop move to a thread of their own.
+    let vmm_thread = match std::thread::Builder::new().name("vmm-events".into()).spawn(move || serve_and_run(vm)) {
+        Ok(t) => t,
+        Err(e) => {
+            // The Vmm was dropped with the closure, which told vCPU 0 to exit.
+            eprintln!("vmm: cannot start the VMM thread: {e}");
+            vcpu0.run();
+            return ExitCode::from(1);
+        }
+    };
+    vcpu0.run();
+    vmm_thread.join().unwrap_or_else(|_| {
+        eprintln!("vmm: the VMM thread panicked");
+        ExitCode::from(2)
+    })
+}
+
+/// The VMM thread: control API, seccomp filter, device event loop.
+fn serve_and_run(mut vm: vmm::machine::Vmm) -> ExitCode {
     let socket = vm.config.api.as_ref().map(|a| a.socket.clone());
     if let Some(s) = &socket {
         if let Err(e) = vmm::api::serve(&mut vm, s) {

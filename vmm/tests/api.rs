@@ -159,11 +159,16 @@ fn vcpu_threads_are_pinned_and_every_thread_is_filtered() {
     let mut vm = TestVm::boot(&dir, &cfg);
     vm.wait_api(30);
     vm.wait_for("heartbeat 1", 60);
-    let vcpu = thread_status(vm.pid(), "vcpu0");
+    // vCPU 0 runs on the process's main thread.
+    let vcpu = std::fs::read_to_string(format!("/proc/{0}/task/{0}/status", vm.pid())).unwrap();
     assert_eq!(field(&vcpu, "Cpus_allowed_list:"), cpu.to_string(), "{vcpu}");
     assert_eq!(field(&vcpu, "Seccomp:"), "2", "vCPU thread runs under a seccomp filter");
-    let main = thread_status(vm.pid(), "vmm");
-    assert_eq!(field(&main, "Seccomp:"), "2", "VMM thread runs under a seccomp filter");
+    let events = thread_status(vm.pid(), "vmm-events");
+    assert_eq!(field(&events, "Seccomp:"), "2", "VMM thread runs under a seccomp filter");
+    for t in std::fs::read_dir(format!("/proc/{}/task", vm.pid())).unwrap() {
+        let st = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+        assert_eq!(field(&st, "Seccomp:"), "2", "every thread is filtered:\n{st}");
+    }
     // The filtered VMM still serves the API.
     assert_eq!(vm.api("GET", "/vm", None).0, 200);
 }

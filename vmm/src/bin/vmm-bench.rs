@@ -65,6 +65,16 @@ fn boot_latency(dir: &Path, runs: usize) {
     });
     let path = write_cfg(dir, "boot.json", &cfg);
     let (mut run, mut line, mut main) = (Vec::new(), Vec::new(), Vec::new());
+    let phases = [
+        "build_start_us",
+        "vm_ready_us",
+        "guest_loaded_us",
+        "vcpus_started_us",
+        "ioeventfds_ready_us",
+        "vcpu_thread_running_us",
+        "vcpu_filtered_us",
+    ];
+    let mut phase: Vec<Vec<f64>> = vec![Vec::new(); phases.len()];
     for _ in 0..runs {
         let t0 = now_us();
         let out = Command::new(vmm_bin()).arg("--config").arg(&path).env("VMM_TIMING", "1").output().unwrap();
@@ -73,6 +83,9 @@ fn boot_latency(dir: &Path, runs: usize) {
         let t: serde_json::Value = serde_json::from_str(json).unwrap();
         let rel = |k: &str| (t[k].as_u64().unwrap().saturating_sub(t0)) as f64 / 1000.0;
         main.push(rel("main_start_us"));
+        for (i, p) in phases.iter().enumerate() {
+            phase[i].push(rel(p));
+        }
         run.push(rel("first_kvm_run_us"));
         line.push(rel("first_serial_line_us"));
     }
@@ -84,6 +97,18 @@ fn boot_latency(dir: &Path, runs: usize) {
     }
     println!("boot (median of {runs}, ms after spawn):");
     println!("  process start -> main()              {:8.2}", median(main));
+    let names = [
+        "build starts",
+        "VM, memory slot, irqchip, PIT, vCPUs",
+        "kernel loaded, devices built",
+        "other vCPU threads spawned",
+        "ioeventfds registered (event thread)",
+        "vCPU 0 loop entered (main thread)",
+        "vCPU 0 seccomp filter on",
+    ];
+    for (n, v) in names.iter().zip(phase) {
+        println!("    {n:<38} {:8.2}", median(v));
+    }
     println!("  process start -> first guest instr.  {:8.2}   (aim < 10)", median(run));
     println!("  process start -> first serial line   {:8.2}", median(line));
     println!("  reference: spawn+exit of /bin/true   {:8.2}", median(tru));
@@ -252,9 +277,20 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
     let runs: usize = std::env::var("VMM_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    boot_latency(&dir, runs);
-    memory_overhead(&dir);
-    snapshot_restore(&dir);
-    blk_throughput(&dir, std::env::var("VMM_BENCH_BLK_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64));
+    // VMM_BENCH_ONLY=boot,memory,snapshot,blk picks parts.
+    let only = std::env::var("VMM_BENCH_ONLY").unwrap_or_default();
+    let want = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
+    if want("boot") {
+        boot_latency(&dir, runs);
+    }
+    if want("memory") {
+        memory_overhead(&dir);
+    }
+    if want("snapshot") {
+        snapshot_restore(&dir);
+    }
+    if want("blk") {
+        blk_throughput(&dir, std::env::var("VMM_BENCH_BLK_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,9 +36,28 @@ pub struct ConsoleLog {
 
 impl ConsoleLog {
     /// Opens (truncates) the log file.
+    ///
+    /// A previous log is moved aside and deleted on another thread: freeing
+    /// its blocks can take milliseconds (ext4 mounted with `discard` trims
+    /// them synchronously), which would delay the boot.
     pub fn new(path: Option<&Path>, cap: u64, stdout: bool) -> io::Result<Self> {
         let file = match path {
-            Some(p) => Some(OpenOptions::new().create(true).write(true).truncate(true).open(p)?),
+            Some(p) => {
+                if std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0) {
+                    let mut stale = p.as_os_str().to_owned();
+                    stale.push(format!(".stale-{}", std::process::id()));
+                    let stale = PathBuf::from(stale);
+                    if std::fs::rename(p, &stale).is_ok() {
+                        let _ = std::thread::Builder::new().name("log-cleanup".into()).spawn(move || {
+                            // Filtered like every VMM thread: it only unlinks.
+                            if crate::seccomp::vmm_filter().and_then(|f| crate::seccomp::apply(&f)).is_ok() {
+                                let _ = std::fs::remove_file(stale);
+                            }
+                        });
+                    }
+                }
+                Some(OpenOptions::new().create(true).write(true).truncate(true).open(p)?)
+            }
             None => None,
         };
         Ok(ConsoleLog { path: path.map(Path::to_path_buf), file, written: 0, cap: cap.max(1024), stdout, total: 0 })

@@ -227,6 +227,53 @@ impl Vcpu {
         pin: Option<usize>,
         seccomp: Option<crate::seccomp::Filter>,
     ) -> Result<VcpuHandle, VcpuError> {
+        let id = self.id;
+        let (mut handle, runner) = self.prepare(pio, mmio, exit_evt, exit_reason, paused, pin, seccomp)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || runner.run())
+            .map_err(VcpuError::Thread)?;
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            handle.pthread = thread.as_pthread_t();
+        }
+        handle.thread = Some(thread);
+        handle.kickable = true;
+        Ok(handle)
+    }
+
+    /// Prepares the run loop for the calling thread, which must then call
+    /// [`VcpuRunner::run`]: the thread that built the VM is already on a
+    /// CPU, so the guest's first instruction waits for no thread start.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_on_current_thread(
+        self,
+        pio: Bus,
+        mmio: Bus,
+        exit_evt: EventFd,
+        exit_reason: Arc<Mutex<Option<ExitReason>>>,
+        paused: bool,
+        pin: Option<usize>,
+        seccomp: Option<crate::seccomp::Filter>,
+    ) -> Result<(VcpuHandle, VcpuRunner), VcpuError> {
+        let (mut handle, runner) = self.prepare(pio, mmio, exit_evt, exit_reason, paused, pin, seccomp)?;
+        // SAFETY: pthread_self has no preconditions.
+        handle.pthread = unsafe { libc::pthread_self() };
+        handle.kickable = true;
+        Ok((handle, runner))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        self,
+        pio: Bus,
+        mmio: Bus,
+        exit_evt: EventFd,
+        exit_reason: Arc<Mutex<Option<ExitReason>>>,
+        paused: bool,
+        pin: Option<usize>,
+        seccomp: Option<crate::seccomp::Filter>,
+    ) -> Result<(VcpuHandle, VcpuRunner), VcpuError> {
         install_kick_handler()?;
         let id = self.id;
         let mut fd = self.fd;
@@ -241,32 +288,60 @@ impl Vcpu {
             fd: Mutex::new(fd),
             counters: VcpuCounters::default(),
         });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                if let Some(cpu) = pin {
-                    if let Err(e) = pin_current_thread(cpu) {
-                        eprintln!("vmm: vcpu{id}: cannot pin to CPU {cpu}: {e}");
-                    }
-                }
-                KVM_RUN_PTR.with(|c| c.set(run_ptr as *mut kvm_run));
-                if let Some(f) = seccomp {
-                    if let Err(e) = crate::seccomp::apply(&f) {
-                        eprintln!("vmm: vcpu{id}: {e}");
-                        *exit_reason.lock().unwrap() = Some(ExitReason::Error(e.to_string()));
-                        let _ = exit_evt.write(1);
-                        return;
-                    }
-                }
-                run_loop(&s, &pio, &mmio, &exit_evt, &exit_reason);
-                KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
-                let mut c = s.ctl.lock().unwrap();
-                c.exited = true;
-                s.cond.notify_all();
-            })
-            .map_err(VcpuError::Thread)?;
-        Ok(VcpuHandle { id, shared, thread: Some(thread) })
+        let runner = VcpuRunner { id, shared: shared.clone(), pio, mmio, exit_evt, exit_reason, run_ptr, pin, seccomp };
+        // pthread and kickable are filled in by the caller.
+        Ok((VcpuHandle { id, shared, thread: None, pthread: 0, kickable: false }, runner))
+    }
+}
+
+/// A vCPU's run loop, ready to run on whichever thread calls [`VcpuRunner::run`].
+pub struct VcpuRunner {
+    id: u8,
+    shared: Arc<VcpuShared>,
+    pio: Bus,
+    mmio: Bus,
+    exit_evt: EventFd,
+    exit_reason: Arc<Mutex<Option<ExitReason>>>,
+    run_ptr: usize,
+    pin: Option<usize>,
+    seccomp: Option<crate::seccomp::Filter>,
+}
+
+impl VcpuRunner {
+    /// Pins the thread, installs the seccomp filter and runs the guest
+    /// until the VMM tells the vCPU to exit.
+    pub fn run(self) {
+        let VcpuRunner { id, shared: s, pio, mmio, exit_evt, exit_reason, run_ptr, pin, seccomp } = self;
+        if id == 0 {
+            crate::timing::mark(&crate::timing::VCPU_THREAD_RUNNING);
+        }
+        if let Some(cpu) = pin {
+            if let Err(e) = pin_current_thread(cpu) {
+                eprintln!("vmm: vcpu{id}: cannot pin to CPU {cpu}: {e}");
+            }
+        }
+        KVM_RUN_PTR.with(|c| c.set(run_ptr as *mut kvm_run));
+        let mut ok = true;
+        if let Some(f) = seccomp {
+            if let Err(e) = crate::seccomp::apply(&f) {
+                eprintln!("vmm: vcpu{id}: {e}");
+                *exit_reason.lock().unwrap() = Some(ExitReason::Error(e.to_string()));
+                let _ = exit_evt.write(1);
+                ok = false;
+            }
+        }
+        if ok {
+            if id == 0 {
+                crate::timing::mark(&crate::timing::VCPU_FILTERED);
+            }
+            run_loop(&s, &pio, &mmio, &exit_evt, &exit_reason);
+        } else {
+            park_until_exit(&s);
+        }
+        KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+        let mut c = s.ctl.lock().unwrap();
+        c.exited = true;
+        s.cond.notify_all();
     }
 }
 
@@ -408,15 +483,19 @@ pub struct VcpuHandle {
     /// Shared control and fd.
     pub shared: Arc<VcpuShared>,
     thread: Option<JoinHandle<()>>,
+    /// The thread running the loop (a spawned one, or the one that built the VM).
+    pthread: libc::pthread_t,
+    /// `pthread` names a live thread.
+    kickable: bool,
 }
 
 impl VcpuHandle {
     fn kick(&self) {
-        if let Some(t) = &self.thread {
-            use std::os::unix::thread::JoinHandleExt;
-            // SAFETY: the pthread_t belongs to a thread we have not joined, so
-            // it is valid; the signal has our handler installed.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), SIGRTMIN()) };
+        if self.kickable {
+            // SAFETY: the pthread_t names a thread that has not been joined
+            // (kickable turns false before the join), so it is valid; the
+            // signal has our handler installed.
+            unsafe { libc::pthread_kill(self.pthread, SIGRTMIN()) };
         }
     }
 
@@ -458,6 +537,11 @@ impl VcpuHandle {
             c.want = Want::Exit;
             self.shared.cond.notify_all();
         }
+        // SAFETY: pthread_self has no preconditions; pthread_equal compares two thread ids.
+        if self.thread.is_none() && unsafe { libc::pthread_equal(self.pthread, libc::pthread_self()) } != 0 {
+            // The loop is this thread's to run; it will see Exit when it starts.
+            return;
+        }
         loop {
             self.kick();
             let c = self.shared.ctl.lock().unwrap();
@@ -470,6 +554,7 @@ impl VcpuHandle {
                 break;
             }
         }
+        self.kickable = false;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

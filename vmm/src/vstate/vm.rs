@@ -71,12 +71,25 @@ fn ioctl<T>(name: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Vm
 impl Vm {
     /// Creates the VM with its TSS, irqchip and PIT.
     pub fn new(kvm: &KvmContext) -> Result<Self, VmError> {
+        let vm = Self::create(kvm)?;
+        vm.create_irqchip()?;
+        Ok(vm)
+    }
+
+    /// Creates the bare VM (and its TSS); memory slots and the irqchip
+    /// may follow in either order, but both before any vCPU.
+    pub fn create(kvm: &KvmContext) -> Result<Self, VmError> {
         let fd = kvm.kvm.create_vm().map_err(VmError::Create)?;
         ioctl("KVM_SET_TSS_ADDR", fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize))?;
-        ioctl("KVM_CREATE_IRQCHIP", fd.create_irq_chip())?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        ioctl("KVM_CREATE_PIT2", fd.create_pit2(pit))?;
         Ok(Vm { fd, slots: Vec::new(), dirty_log: false })
+    }
+
+    /// Creates the in-kernel PIC, IOAPIC, local APICs and PIT.
+    pub fn create_irqchip(&self) -> Result<(), VmError> {
+        ioctl("KVM_CREATE_IRQCHIP", self.fd.create_irq_chip())?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        ioctl("KVM_CREATE_PIT2", self.fd.create_pit2(pit))?;
+        Ok(())
     }
 
     /// Registers every region of `mem` as a memory slot.

@@ -138,6 +138,11 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// Lets the device clean up on the host before the VM goes away.
+    pub fn shutdown(&mut self) {
+        self.device.shutdown();
+    }
+
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status

@@ -112,6 +112,10 @@ pub trait VirtioDevice: Send {
     fn process_timer(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Result<Work, DeviceError> {
         Ok(Work::default())
     }
+    /// The VM is going away: remove what the device created on the host
+    /// (called on the VMM thread; the last reference may be dropped
+    /// elsewhere, under a stricter seccomp filter).
+    fn shutdown(&mut self) {}
     /// Device counters for the API.
     fn counters(&self) -> serde_json::Value;
     /// Device-specific state for a snapshot.

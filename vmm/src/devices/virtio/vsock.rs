@@ -652,12 +652,6 @@ impl Vsock {
     }
 }
 
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
-    }
-}
-
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
@@ -701,6 +695,9 @@ impl VirtioDevice for Vsock {
         // Every new event on a host socket wakes the event loop through the
         // inner epoll; which socket it was does not matter, pump() looks at all.
         self.pump(queues, mem)
+    }
+    fn shutdown(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
     }
     fn counters(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(&self.counters).unwrap_or_default();
