@@ -23,6 +23,7 @@
  *   guest.vsock=PORT   accept vsock connections on PORT and echo what arrives
  *   guest.vsockconnect=PORT  connect to the host (CID 2) on PORT, say hello
  *                      and print the answer
+ *   guest.flood=N      send N probe frames as fast as the device takes them
  *   guest.probe=N      send N probe frames (ethertype 0x88b5) and count the
  *                      ones that come back, as sent or with MACs swapped
  *
@@ -548,6 +549,13 @@ static void probe_run(u64 n) {
     puts(" macswapped "); putdec(probe_swapped); puts(" frames "); putdec(probe_seen); putc('\n');
 }
 
+static void flood_run(u64 n) {
+    u64 i;
+    puts("flood: start\n");
+    for (i = 0; i < n; i++) probe_send(i);
+    puts("flood: sent "); putdec(n); putc('\n');
+}
+
 static void net_rx(u8 *f, u32 len) {
     u8 *e = f, *p;
     u16 type;
@@ -888,6 +896,7 @@ void guest_main(u8 *boot_params) {
     }
     if (net_base && arg("guest.dhcp")) { dhcp_state = 1; dhcp_send(1); }
     if (net_base && (v = arg("guest.probe="))) probe_run(parse_num(v, 0));
+    if (net_base && (v = arg("guest.flood="))) flood_run(parse_num(v, 0));
     v = arg("guest.hb=");
     hb = v ? parse_num(v, 0) : 200000;
     v = arg("guest.beats=");

@@ -93,3 +93,44 @@ fn which(name: &str) -> Result<String, ()> {
     }
     Err(())
 }
+
+/// A guest that sends 40 frames through a tap whose bucket holds 4 frames
+/// and refills 40 per second: the device must hold the queue back at least
+/// every few frames (its throttle counter), deliver all 40 in the end, and
+/// an unlimited twin sending the same never waits.
+#[test]
+fn a_tight_bucket_holds_back_the_guests_transmit_queue() {
+    if skip_reason().is_some() {
+        return;
+    }
+    let Some(ns) = NetNs::new() else { return };
+    let run = |tag: &str, limit: Option<serde_json::Value>| -> (TestVm, TempDir) {
+        let dir = TempDir::new(tag);
+        let tap = unique("vtap");
+        assert!(ns.run(&["ip", "tuntap", "add", &tap, "mode", "tap", "vnet_hdr"]));
+        assert!(ns.run(&["ip", "link", "set", &tap, "up"]));
+        let mut cfg = guest_config(&dir, vmm::TEST_GUEST, "guest.flood=40 guest.hb=100000");
+        cfg["net"] = serde_json::json!([{ "id": "eth0", "tap": tap, "mac": "52:54:00:ab:cd:02" }]);
+        if let Some(l) = limit {
+            cfg["net"][0]["rate_limit"] = l;
+        }
+        cfg["api"] = serde_json::json!({ "socket": dir.path("api.sock") });
+        let prefix = ns.prefix();
+        let p: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        (TestVm::boot_in(&p, &dir, &cfg), dir)
+    };
+    let (mut limited, _d1) = run("rl", Some(serde_json::json!({ "ops": { "size": 4, "refill_ms": 100 } })));
+    let (mut free, _d2) = run("free", None);
+    for vm in [&mut limited, &mut free] {
+        vm.wait_for("flood: sent 40", 120);
+        vm.wait_api(10);
+    }
+    let dev = |vm: &TestVm| vm.api("GET", "/vm/counters", None).1["devices"][0]["device"].clone();
+    let (l, f) = (dev(&limited), dev(&free));
+    assert_eq!(l["tx_frames"], 40, "every frame left in the end: {l}");
+    assert_eq!(f["tx_frames"], 40, "{f}");
+    // 40 frames through a 4-frame bucket refilled at 40/s: at least nine
+    // refills' worth of waiting, each one a throttle event.
+    assert!(l["throttled"].as_u64().unwrap() >= 9, "the bucket held the queue back: {l}");
+    assert_eq!(f["throttled"], 0, "without a limit nothing waits: {f}");
+}

@@ -240,3 +240,49 @@ pub fn guest_config(dir: &TempDir, kernel: &str, cmdline: &str) -> serde_json::V
         "serial": { "log": dir.path("console.log") },
     })
 }
+
+const NR: &str = "/proc/sys/vm/nr_hugepages";
+
+pub fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .unwrap_or(0)
+}
+
+/// Reserves hugepages for the test; gives back what it added on drop (unless
+/// someone else changed the count meanwhile).
+pub struct HugePages {
+    before: u64,
+    set: Option<u64>,
+}
+
+impl HugePages {
+    pub fn reserve(pages: u64) -> Option<Self> {
+        let before: u64 = std::fs::read_to_string(NR).ok()?.trim().parse().ok()?;
+        let free = meminfo("HugePages_Free:");
+        let mut g = HugePages { before, set: None };
+        if free < pages {
+            let want = before + pages - free;
+            std::fs::write(NR, want.to_string()).ok()?;
+            g.set = Some(want);
+            if meminfo("HugePages_Free:") < pages {
+                return None;
+            }
+        }
+        Some(g)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(set) = self.set {
+            let now: u64 = std::fs::read_to_string(NR).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            if now == set {
+                let _ = std::fs::write(NR, self.before.to_string());
+            }
+        }
+    }
+}
+

@@ -696,6 +696,17 @@ impl VirtioDevice for Vsock {
         // inner epoll; which socket it was does not matter, pump() looks at all.
         self.pump(queues, mem)
     }
+    fn next_timer_ms(&self) -> Option<u64> {
+        // After a restore, tell the guest at once, without waiting for it to kick.
+        self.reset_pending.then_some(0)
+    }
+    fn process_timer(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<Work, DeviceError> {
+        let w = self.pump(queues, mem)?;
+        if self.reset_pending && !queues[EVT].ready() {
+            self.reset_pending = false;
+        }
+        Ok(w)
+    }
     fn shutdown(&mut self) {
         let _ = std::fs::remove_file(&self.uds_path);
     }
