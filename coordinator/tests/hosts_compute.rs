@@ -114,7 +114,7 @@ async fn services_show_hosts_and_enable_disable_at_old_and_new_microversions() {
     assert_eq!(list.len(), 2);
     assert_eq!(list[0]["host"], "edge-a");
     assert_eq!(list[0]["binary"], "nova-compute");
-    assert_eq!(list[0]["id"], 1);
+    assert!(list[0]["id"].is_i64() && list[1]["id"].is_i64() && list[0]["id"] != list[1]["id"], "{v}");
     assert_eq!(list[0]["state"], "up");
     assert_eq!(list[1]["state"], "down");
     assert_eq!(list[0]["status"], "enabled");
@@ -175,7 +175,8 @@ async fn hypervisors_show_sizes_and_usage() {
 
     let (code, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors", &admin, None, None).await;
     assert_eq!(code, 200);
-    assert_eq!(v["hypervisors"][0], json!({"id": 1, "hypervisor_hostname": "edge-a", "state": "up", "status": "enabled"}));
+    let number = v["hypervisors"][0]["id"].as_i64().expect("integer ids before 2.53");
+    assert_eq!(v["hypervisors"][0], json!({"id": number, "hypervisor_hostname": "edge-a", "state": "up", "status": "enabled"}));
 
     let (code, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors/detail", &admin, Some("2.53"), None).await;
     assert_eq!(code, 200);
@@ -193,19 +194,19 @@ async fn hypervisors_show_sizes_and_usage() {
     assert_eq!(v["hypervisors"][1]["state"], "down");
 
     // Before 2.28 cpu_info is a string.
-    let (_, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors/1", &admin, None, None).await;
+    let (_, _, v) = nova(&s, "GET", &format!("/v2.1/os-hypervisors/{number}"), &admin, None, None).await;
     assert!(v["hypervisor"]["cpu_info"].is_string());
     assert_eq!(v["hypervisor"]["vcpus"], 4);
     let (code, _, _) = nova(&s, "GET", &format!("/v2.1/os-hypervisors/{}", a.host_id), &admin, Some("2.53"), None).await;
     assert_eq!(code, 200);
-    let (code, _, _) = nova(&s, "GET", "/v2.1/os-hypervisors/99", &admin, None, None).await;
+    let (code, _, _) = nova(&s, "GET", "/v2.1/os-hypervisors/999999", &admin, None, None).await;
     assert_eq!(code, 404);
 
     // Paging (2.33+) and name patterns (2.53+, /search before).
     let (_, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors?limit=1", &admin, Some("2.33"), None).await;
     assert_eq!(v["hypervisors"].as_array().unwrap().len(), 1);
-    assert!(v["hypervisors_links"][0]["href"].as_str().unwrap().contains("marker=1"));
-    let (_, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors?limit=1&marker=1", &admin, Some("2.33"), None).await;
+    assert!(v["hypervisors_links"][0]["href"].as_str().unwrap().contains(&format!("marker={number}")));
+    let (_, _, v) = nova(&s, "GET", &format!("/v2.1/os-hypervisors?limit=1&marker={number}"), &admin, Some("2.33"), None).await;
     assert_eq!(v["hypervisors"][0]["hypervisor_hostname"], "edge-b");
     let (code, _, _) = nova(&s, "GET", "/v2.1/os-hypervisors?limit=1", &admin, None, None).await;
     assert_eq!(code, 400);
@@ -231,7 +232,7 @@ async fn hypervisors_show_sizes_and_usage() {
         allocations: [(root, [("VCPU".to_string(), 3), ("MEMORY_MB".to_string(), 1024)].into())].into(),
     };
     db::replace_allocations(s.state.store.as_ref(), &[alloc]).await.unwrap();
-    let (_, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors/1", &admin, None, None).await;
+    let (_, _, v) = nova(&s, "GET", &format!("/v2.1/os-hypervisors/{number}"), &admin, None, None).await;
     assert_eq!(v["hypervisor"]["vcpus_used"], 3);
     assert_eq!(v["hypervisor"]["memory_mb_used"], 1024);
     assert_eq!(v["hypervisor"]["free_ram_mb"], 8192 - 1024);

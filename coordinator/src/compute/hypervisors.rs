@@ -49,7 +49,7 @@ impl Hypervisor {
         if version.at_least(53) {
             json!(self.host.record.id)
         } else {
-            json!(self.host.record.seq)
+            json!(self.host.number)
         }
     }
 
@@ -101,7 +101,7 @@ impl Hypervisor {
             "hypervisor_version": hypervisor_version(),
             "service": {
                 "host": r.hostname,
-                "id": if version.at_least(53) { json!(r.id) } else { json!(r.seq) },
+                "id": if version.at_least(53) { json!(r.id) } else { json!(self.host.number) },
                 "disabled_reason": r.disabled_reason,
             },
             "cpu_info": if version.at_least(28) { cpu_info } else { Value::String(cpu_info.to_string()) },
@@ -185,7 +185,7 @@ async fn select(state: &AppState, version: Microversion, q: &ListQuery) -> Resul
         None => None,
     };
     let mut hosts = registry::list(state.store.as_ref()).await.map_err(|e| e.to_api(Dialect::Nova))?;
-    hosts.sort_by_key(|h| h.record.seq);
+    hosts.sort_by_key(|h| h.number);
     if let Some(p) = &q.hypervisor_hostname_pattern {
         hosts.retain(|h| h.record.hostname.contains(p.as_str()));
         if hosts.is_empty() {
@@ -195,7 +195,7 @@ async fn select(state: &AppState, version: Microversion, q: &ListQuery) -> Resul
     if let Some(m) = &q.marker {
         let pos = hosts
             .iter()
-            .position(|h| if version.at_least(53) { h.record.id == *m } else { h.record.seq.to_string() == *m })
+            .position(|h| if version.at_least(53) { h.record.id == *m } else { h.number.to_string() == *m })
             .ok_or_else(|| bad(format!("marker [{m}] not found")))?;
         hosts.drain(..=pos);
     }
@@ -206,7 +206,7 @@ async fn select(state: &AppState, version: Microversion, q: &ListQuery) -> Resul
         }
         if hosts.len() == l && l > 0 {
             let last = hosts.last().unwrap();
-            next = Some(if version.at_least(53) { last.record.id.clone() } else { last.record.seq.to_string() });
+            next = Some(if version.at_least(53) { last.record.id.clone() } else { last.number.to_string() });
         }
     }
     Ok((load(state, hosts).await?, next))
@@ -262,9 +262,9 @@ async fn show(
         }
         id.clone()
     } else {
-        let seq: u64 = id.parse().map_err(|_| not_found())?;
+        let number: i64 = id.parse().map_err(|_| not_found())?;
         let hosts = registry::list(state.store.as_ref()).await.map_err(|e| e.to_api(Dialect::Nova))?;
-        hosts.into_iter().find(|h| h.record.seq == seq).ok_or_else(not_found)?.record.id
+        hosts.into_iter().find(|h| h.number == number).ok_or_else(not_found)?.record.id
     };
     let host = registry::get(state.store.as_ref(), &host_id).await.map_err(|_| not_found())?;
     let h = load(&state, vec![host]).await?;
@@ -285,7 +285,7 @@ async fn search(
     let list: Vec<Value> = hosts
         .into_iter()
         .filter(|h| h.record.hostname.contains(pattern.as_str()))
-        .map(|h| json!({"id": h.record.seq, "hypervisor_hostname": h.record.hostname, "state": h.state().as_str(), "status": if h.record.enabled { "enabled" } else { "disabled" }}))
+        .map(|h| json!({"id": h.number, "hypervisor_hostname": h.record.hostname, "state": h.state().as_str(), "status": if h.record.enabled { "enabled" } else { "disabled" }}))
         .collect();
     if list.is_empty() {
         return Err(ApiError::not_found(Dialect::Nova, format!("No hypervisor matching '{pattern}' could be found.")));

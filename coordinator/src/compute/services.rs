@@ -35,7 +35,7 @@ pub fn routes() -> Router<AppState> {
 pub fn view(h: &HostStatus, version: Microversion) -> Value {
     let r = &h.record;
     let mut v = json!({
-        "id": if version.at_least(53) { json!(r.id) } else { json!(r.seq) },
+        "id": if version.at_least(53) { json!(r.id) } else { json!(h.number) },
         "binary": BINARY,
         "host": r.hostname,
         "zone": r.zone,

@@ -1,15 +1,17 @@
 //! Enrolment: a join token is exchanged, once, for a host id and a host secret.
 //!
-//! The exchange is one compare-and-swap transaction over the token, the host-name
-//! index and the id sequence, so two agents racing with the same token cannot
-//! both win, and a failed exchange leaves nothing behind.
+//! The exchange is one compare-and-swap transaction over the token and the
+//! host-name index, so two agents racing with the same token cannot both win, and
+//! a failed exchange leaves nothing behind. There is no site-wide counter to
+//! contend on: a host's small integer id (for old Nova microversions) is the store
+//! revision that created its record.
 
 use model::agent_api::{EnrolRequest, EnrolResponse};
 use store::record::{decode, encode};
 use store::{Compare, Op, Store, Txn};
 
 use super::error::HostsError;
-use super::records::{self, HostRecord, JoinTokenRecord, NameRecord, SeqRecord, TokenUse};
+use super::records::{self, HostRecord, JoinTokenRecord, NameRecord, TokenUse};
 
 /// Availability zone of newly enrolled hosts.
 pub const DEFAULT_ZONE: &str = "nova";
@@ -73,16 +75,10 @@ pub async fn enrol(store: &dyn Store, req: &EnrolRequest, heartbeat_ttl_secs: i6
                 (txn, record.id)
             }
             None => {
-                let seq_kv = store.get(records::SEQ_KEY).await?;
-                let (seq, seq_rev) = match &seq_kv {
-                    Some(kv) => (decode::<SeqRecord>(&kv.key, &kv.value)?.next, kv.mod_revision),
-                    None => (1, 0),
-                };
                 let id = uuid::Uuid::new_v4().to_string();
                 let record = HostRecord {
                     id: id.clone(),
                     hostname: req.hostname.clone(),
-                    seq,
                     zone: DEFAULT_ZONE.into(),
                     enabled: true,
                     disabled_reason: None,
@@ -96,10 +92,8 @@ pub async fn enrol(store: &dyn Store, req: &EnrolRequest, heartbeat_ttl_secs: i6
                 let txn = Txn::new()
                     .when(Compare::ModRevision(token_key.clone(), token_kv.mod_revision))
                     .when(Compare::Absent(name_key.clone()))
-                    .when(Compare::ModRevision(records::SEQ_KEY.into(), seq_rev))
                     .and_then(Op::put(token_key.clone(), encode(&token)))
                     .and_then(Op::put(name_key.clone(), encode(&NameRecord { host_id: id.clone() })))
-                    .and_then(Op::put(records::SEQ_KEY, encode(&SeqRecord { next: seq + 1 })))
                     .and_then(Op::put(records::record_key(&id), encode(&record)));
                 (txn, id)
             }

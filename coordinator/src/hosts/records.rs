@@ -3,7 +3,6 @@
 //! Layout under `/hosts/`:
 //! - `records/<id>`: [`HostRecord`] (name, enabled flag, credential hash, state history)
 //! - `names/<hostname>`: [`NameRecord`], the id of the host of that name
-//! - `seq`: [`SeqRecord`], the next small integer id (old Nova microversions show those)
 //! - `join-tokens/<sha256 of token>`: [`JoinTokenRecord`]
 //! - `inventory/<id>`: [`InventoryRecord`], the host's last reported inventory
 //! - `alive/<id>`: [`AliveRecord`], attached to the host's heartbeat lease
@@ -21,8 +20,6 @@ pub const RECORDS_PREFIX: &str = "/hosts/records/";
 pub const ALIVE_PREFIX: &str = "/hosts/alive/";
 /// Prefix of join tokens.
 pub const JOIN_TOKENS_PREFIX: &str = "/hosts/join-tokens/";
-/// Key of the small-integer id sequence.
-pub const SEQ_KEY: &str = "/hosts/seq";
 
 /// Key of a host's record.
 pub fn record_key(id: &str) -> String {
@@ -98,9 +95,6 @@ pub struct HostRecord {
     pub id: String,
     /// The host's name; unique within the site.
     pub hostname: String,
-    /// A small integer id, unique within the site (the service and hypervisor id before
-    /// Nova microversion 2.53).
-    pub seq: u64,
     /// Availability zone.
     pub zone: String,
     /// Whether the scheduler may place work on the host.
@@ -147,16 +141,6 @@ pub struct NameRecord {
 }
 
 impl Record for NameRecord {
-    const VERSION: u32 = 1;
-}
-
-/// The next small integer id to give out.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeqRecord {
-    pub next: u64,
-}
-
-impl Record for SeqRecord {
     const VERSION: u32 = 1;
 }
 
@@ -311,7 +295,6 @@ mod tests {
         let mut r = HostRecord {
             id: "i".into(),
             hostname: "h".into(),
-            seq: 1,
             zone: "nova".into(),
             enabled: true,
             disabled_reason: None,

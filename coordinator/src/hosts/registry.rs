@@ -15,6 +15,10 @@ use super::records::{self, HostRecord, HostState, InventoryRecord};
 pub struct HostStatus {
     /// The stored record.
     pub record: HostRecord,
+    /// A small integer id, unique within the site and stable for the host's life: the
+    /// store revision that created its record (Nova's service and hypervisor id
+    /// before microversion 2.53).
+    pub number: i64,
     /// Whether its heartbeat key exists now.
     pub up: bool,
 }
@@ -53,7 +57,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<HostStatus>, HostsError> {
     for kv in store.range(records::RECORDS_PREFIX).await?.kvs {
         let record: HostRecord = decode(&kv.key, &kv.value)?;
         let up = alive.contains(&record.id);
-        out.push(HostStatus { record, up });
+        out.push(HostStatus { record, number: kv.create_revision, up });
     }
     out.sort_by(|a, b| a.record.hostname.cmp(&b.record.hostname));
     Ok(out)
@@ -67,7 +71,7 @@ pub async fn get(store: &dyn Store, id: &str) -> Result<HostStatus, HostsError> 
     let kv = store.get(&records::record_key(id)).await?.ok_or_else(|| HostsError::NotFound(id.into()))?;
     let record: HostRecord = decode(&kv.key, &kv.value)?;
     let up = heartbeat::is_up(store, id).await?;
-    Ok(HostStatus { record, up })
+    Ok(HostStatus { record, number: kv.create_revision, up })
 }
 
 /// The id of the host of a given name.
@@ -151,16 +155,24 @@ pub async fn delete(store: &dyn Store, id: &str) -> Result<(), HostsError> {
         }
     }
     heartbeat::stop(store, id).await?;
-    let txn = Txn::new()
-        .when(Compare::ModRevision(key.clone(), kv.mod_revision))
-        .and_then(Op::delete(key))
-        .and_then(Op::delete(records::name_key(&record.hostname)))
-        .and_then(Op::delete(records::inventory_key(id)))
-        .and_then(Op::delete(records::alive_key(id)))
-        .and_then(Op::DeletePrefix { prefix: format!("/hosts/{id}/") });
-    if !store.txn(txn).await?.succeeded {
-        return Err(HostsError::Contention);
+    // The monitor may record the end of the heartbeat meanwhile; re-read and retry.
+    let mut seen = kv.mod_revision;
+    for _ in 0..8 {
+        let txn = Txn::new()
+            .when(Compare::ModRevision(key.clone(), seen))
+            .and_then(Op::delete(key.clone()))
+            .and_then(Op::delete(records::name_key(&record.hostname)))
+            .and_then(Op::delete(records::inventory_key(id)))
+            .and_then(Op::delete(records::alive_key(id)))
+            .and_then(Op::DeletePrefix { prefix: format!("/hosts/{id}/") });
+        if store.txn(txn).await?.succeeded {
+            tracing::info!(host_id = %id, hostname = %record.hostname, "host deleted");
+            return Ok(());
+        }
+        match store.get(&key).await? {
+            Some(kv) => seen = kv.mod_revision,
+            None => return Ok(()),
+        }
     }
-    tracing::info!(host_id = %id, hostname = %record.hostname, "host deleted");
-    Ok(())
+    Err(HostsError::Contention)
 }
