@@ -75,7 +75,21 @@ fn boot_latency(dir: &Path, runs: usize) {
         "vcpu_filtered_us",
     ];
     let mut phase: Vec<Vec<f64>> = vec![Vec::new(); phases.len()];
+    // The same boot with another build (scripts/bench-vmm builds the
+    // revision named by VMM_BENCH_BASELINE), interleaved run by run so that
+    // both see the same host load.
+    let base = std::env::var_os("VMM_BENCH_BASELINE_BIN");
+    let mut base_run = Vec::new();
     for _ in 0..runs {
+        if let Some(base) = &base {
+            let t0 = now_us();
+            let out = Command::new(base).arg("--config").arg(&path).env("VMM_TIMING", "1").output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if let Some(json) = err.lines().find_map(|l| l.strip_prefix("vmm: timing ")) {
+                let t: serde_json::Value = serde_json::from_str(json).unwrap();
+                base_run.push(t["first_kvm_run_us"].as_u64().unwrap_or(0).saturating_sub(t0) as f64 / 1000.0);
+            }
+        }
         let t0 = now_us();
         let out = Command::new(vmm_bin()).arg("--config").arg(&path).env("VMM_TIMING", "1").output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -110,6 +124,10 @@ fn boot_latency(dir: &Path, runs: usize) {
         println!("    {n:<38} {:8.2}", median(v));
     }
     println!("  process start -> first guest instr.  {:8.2}   (aim < 10)", median(run));
+    if !base_run.is_empty() {
+        let rev = std::env::var("VMM_BENCH_BASELINE").unwrap_or_default();
+        println!("  reference: build {rev:<10} -> first guest instr. {:8.2}", median(base_run));
+    }
     println!("  process start -> first serial line   {:8.2}", median(line));
     println!("  reference: spawn+exit of /bin/true   {:8.2}", median(tru));
 }
