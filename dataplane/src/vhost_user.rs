@@ -8,8 +8,9 @@
 //!
 //! Queue pair `q` is vring `2q` (guest receive, our transmit) and `2q + 1`
 //! (guest transmit, our receive). Notifications are adaptive: while a worker
-//! finds packets it tells the guest not to kick; when a queue runs dry it asks
-//! for kicks again, and a kick wakes a sleeping worker through [`VhostUserPort::fd`].
+//! finds packets it tells the guest not to kick; when a queue has stayed
+//! empty for a while it asks for kicks again, and a kick wakes a sleeping
+//! worker through [`VhostUserPort::fd`].
 
 use std::cell::RefCell;
 use std::io;
@@ -45,6 +46,11 @@ const NET_HDR_LEN_LEGACY: usize = 10;
 const MAX_MERGE: usize = 32;
 /// Most queue pairs a port offers.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// How long a transmit queue must stay empty before the guest is asked to
+/// kick again. Shorter gaps are bursts of a busy guest: a kick there costs the
+/// guest a system call and wakes a thread on its CPU for nothing, because the
+/// worker polls again within microseconds.
+const KICK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Errors creating a vhost-user port.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +316,8 @@ pub struct VhostUserPort {
     rx_cursor: usize,
     /// Per transmit vring: whether we asked the guest for kicks.
     kicks_on: [bool; MAX_QUEUE_PAIRS as usize],
+    /// Per transmit vring: since when it has been found empty (kicks still off).
+    empty_since: [Option<std::time::Instant>; MAX_QUEUE_PAIRS as usize],
     /// Receive vrings with used entries not yet signalled, as a bit set.
     tx_pending: u32,
 }
@@ -354,6 +362,7 @@ impl VhostUserPort {
             pairs: 0,
             rx_cursor: 0,
             kicks_on: [true; MAX_QUEUE_PAIRS as usize],
+            empty_since: [None; MAX_QUEUE_PAIRS as usize],
             tx_pending: 0,
         })
     }
@@ -394,6 +403,7 @@ impl VhostUserPort {
         self.conn = self.shared.conn.read().expect("connection lock").clone();
         self.pairs = self.conn.as_ref().map(|c| c.vrings.len() / 2).unwrap_or(0);
         self.kicks_on = [true; MAX_QUEUE_PAIRS as usize];
+        self.empty_since = [None; MAX_QUEUE_PAIRS as usize];
         self.tx_pending = 0;
         self.rx_cursor = 0;
     }
@@ -594,6 +604,7 @@ impl VhostUserPort {
                 }
                 if took > 0 {
                     self.shared.counters.rx_per_queue[q].fetch_add(took as u64, Ordering::Relaxed);
+                    self.empty_since[q] = None;
                     if self.kicks_on[q] {
                         let _ = queue.disable_notification(&*mem);
                         self.kicks_on[q] = false;
@@ -601,11 +612,16 @@ impl VhostUserPort {
                     (took, queue.needs_notification(&*mem).unwrap_or(true))
                 } else {
                     if !self.kicks_on[q] {
-                        // Ran dry: ask for kicks again. Buffers the guest added before
-                        // it saw the flag would get no kick, so wake ourselves for them.
-                        self.kicks_on[q] = true;
-                        if queue.enable_notification(&*mem).unwrap_or(true) {
-                            self.shared.wake();
+                        let since = *self.empty_since[q].get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= KICK_AFTER_IDLE {
+                            // Idle: ask for kicks again so that a sleeping worker wakes.
+                            // Buffers the guest added before it saw the flag would get
+                            // no kick, so wake ourselves for them.
+                            self.kicks_on[q] = true;
+                            self.empty_since[q] = None;
+                            if queue.enable_notification(&*mem).unwrap_or(true) {
+                                self.shared.wake();
+                            }
                         }
                     }
                     (0, false)
