@@ -165,7 +165,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     tracing::info!(%addr, public_url = %config.public_url, backend = %config.store.backend, "coordinator listening");
     let result = match &config.tls {
         Some(tls) => {
-            // Several crypto providers are linked in; choose one for the process.
+            // rustls needs a process-wide crypto provider: ring.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key).await.map_err(StartError::Tls)?;
             axum_server::bind_rustls(addr, rustls).handle(handle).serve(app.into_make_service()).await
