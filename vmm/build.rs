@@ -1,5 +1,6 @@
 //! Builds the freestanding test guest (vmm/guest/guest.c) with gcc and tells
-//! the crate where it is through `VMM_TEST_GUEST` and `VMM_TEST_GUEST_HOSTILE`.
+//! the crate where it is through `VMM_TEST_GUEST`, `VMM_TEST_GUEST_HOSTILE` and
+//! `VMM_TEST_GUEST_PVH`.
 
 use std::env;
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let plain = build(&out, "guest.elf", &[]);
     let hostile = build(&out, "guest-hostile.elf", &["-DHOSTILE"]);
+    let pvh = build(&out, "guest-pvh.elf", &["-DPVH"]);
     println!("cargo:rustc-env=VMM_TEST_GUEST={}", plain.display());
     println!("cargo:rustc-env=VMM_TEST_GUEST_HOSTILE={}", hostile.display());
+    println!("cargo:rustc-env=VMM_TEST_GUEST_PVH={}", pvh.display());
 }

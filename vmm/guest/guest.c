@@ -28,6 +28,12 @@
  *                      ones that come back, as sent or with MACs swapped
  *
  * Built with -DHOSTILE it first feeds malformed requests to its devices.
+ * Built with -DPVH it carries a PVH note (XEN_ELFNOTE_PHYS32_ENTRY) whose
+ * 32-bit entry builds its own page tables, enters long mode and reads the
+ * command line from the hvm_start_info %ebx points at.
+ *
+ * Either way it reports the ACPI tables it finds through the RSDP (number of
+ * enabled local APICs in the MADT, the IOAPIC address, the DSDT's size).
  */
 
 typedef unsigned char u8;
@@ -48,6 +54,89 @@ __asm__(".section .text.start\n"
         "  .skip 16384\n"
         "stack_top:\n"
         ".text\n");
+
+
+#ifdef PVH
+/* ---- PVH entry: 32-bit protected mode, paging off, %ebx = start info ---- */
+__asm__(".section .note.Xen, \"a\"\n"
+        ".balign 4\n"
+        ".long 4\n"           /* name size: "Xen\0" */
+        ".long 4\n"           /* descriptor size: a 32-bit address */
+        ".long 18\n"          /* XEN_ELFNOTE_PHYS32_ENTRY */
+        ".asciz \"Xen\"\n"
+        ".balign 4\n"
+        ".long pvh_start\n"
+        ".balign 4\n"
+        ".text\n"
+        ".code32\n"
+        ".global pvh_start\n"
+        "pvh_start:\n"
+        "  mov %ebx, %esi\n"
+        /* 4 GiB identity-mapped with 2 MiB pages */
+        "  mov $pvh_pd, %edi\n"
+        "  xor %eax, %eax\n"
+        "  mov $2048, %ecx\n"
+        "1:mov %eax, %edx\n"
+        "  or $0x83, %edx\n"
+        "  mov %edx, (%edi)\n"
+        "  movl $0, 4(%edi)\n"
+        "  add $0x200000, %eax\n"
+        "  add $8, %edi\n"
+        "  dec %ecx\n"
+        "  jnz 1b\n"
+        "  mov $pvh_pdpt, %edi\n"
+        "  mov $pvh_pd, %eax\n"
+        "  or $3, %eax\n"
+        "  mov $4, %ecx\n"
+        "2:mov %eax, (%edi)\n"
+        "  movl $0, 4(%edi)\n"
+        "  add $0x1000, %eax\n"
+        "  add $8, %edi\n"
+        "  dec %ecx\n"
+        "  jnz 2b\n"
+        "  mov $pvh_pdpt, %eax\n"
+        "  or $3, %eax\n"
+        "  mov %eax, pvh_pml4\n"
+        "  movl $0, pvh_pml4+4\n"
+        "  mov $pvh_pml4, %eax\n"
+        "  mov %eax, %cr3\n"
+        "  mov %cr4, %eax\n"
+        "  or $0x20, %eax\n"          /* PAE */
+        "  mov %eax, %cr4\n"
+        "  mov $0xc0000080, %ecx\n"   /* EFER.LME */
+        "  rdmsr\n"
+        "  or $0x100, %eax\n"
+        "  wrmsr\n"
+        "  mov %cr0, %eax\n"
+        "  or $0x80000001, %eax\n"    /* PG | PE */
+        "  mov %eax, %cr0\n"
+        "  lgdt pvh_gdt_desc\n"
+        "  ljmp $0x08, $pvh_long\n"
+        ".code64\n"
+        "pvh_long:\n"
+        "  mov $0x10, %eax\n"
+        "  mov %eax, %ds\n"
+        "  mov %eax, %es\n"
+        "  mov %eax, %ss\n"
+        "  lea stack_top(%rip), %rsp\n"
+        "  mov %esi, %edi\n"
+        "  call guest_main_pvh\n"
+        "3:hlt\n"
+        "  jmp 3b\n"
+        ".section .rodata\n"
+        ".balign 8\n"
+        "pvh_gdt:\n"
+        "  .quad 0, 0x00af9a000000ffff, 0x00cf92000000ffff\n"
+        "pvh_gdt_desc:\n"
+        "  .word 23\n"
+        "  .long pvh_gdt\n"
+        ".bss\n"
+        ".balign 4096\n"
+        "pvh_pml4: .skip 4096\n"
+        "pvh_pdpt: .skip 4096\n"
+        "pvh_pd: .skip 16384\n"
+        ".text\n");
+#endif
 
 /* ---- freestanding helpers gcc may call ---- */
 void *memset(void *d, int c, u64 n) {
@@ -873,12 +962,58 @@ static void hostile(void) {
 }
 #endif
 
+
+/* ---- ACPI: what the VMM's tables say ---- */
+static void acpi_report(u64 rsdp) {
+    u8 *r = (u8 *)rsdp, *x, *t;
+    u32 i, n, len, cpus = 0, ioapic = 0;
+    if (!rsdp || memcmp(r, "RSD PTR ", 8)) { puts("acpi: no rsdp\n"); return; }
+    x = (u8 *)*(u64 *)(r + 24);
+    if (memcmp(x, "XSDT", 4)) { puts("acpi: no xsdt\n"); return; }
+    n = (*(u32 *)(x + 4) - 36) / 8;
+    puts("acpi: rsdp "); puthex(rsdp);
+    for (i = 0; i < n; i++) {
+        t = (u8 *)*(u64 *)(x + 36 + 8 * i);
+        len = *(u32 *)(t + 4);
+        if (!memcmp(t, "APIC", 4)) {
+            u32 o = 44;
+            while (o + 2 <= len && t[o + 1] >= 2) {
+                if (t[o] == 0 && (*(u32 *)(t + o + 4) & 1)) cpus++;
+                if (t[o] == 1) ioapic = *(u32 *)(t + o + 4);
+                o += t[o + 1];
+            }
+        }
+        if (!memcmp(t, "FACP", 4)) {
+            u8 *d = (u8 *)*(u64 *)(t + 140);
+            if (!memcmp(d, "DSDT", 4)) { puts(" dsdt "); putdec(*(u32 *)(d + 4)); puts(" bytes"); }
+        }
+    }
+    puts(" cpus "); putdec(cpus); puts(" ioapic "); puthex(ioapic); putc('\n');
+}
+
+static void guest_run(u64 rsdp);
+
 void guest_main(u8 *boot_params) {
-    u64 hb, beats, n = 0, beat = 0;
-    const char *v;
     cmdline = (const char *)(u64)*(u32 *)(boot_params + 0x228);
     puts("guest: hello\n");
+    guest_run(*(u64 *)(boot_params + 0x070));
+}
+
+#ifdef PVH
+void guest_main_pvh(u8 *start_info) {
+    cmdline = (const char *)*(u64 *)(start_info + 24);
+    puts("guest: hello\n");
+    puts("guest: pvh entry magic "); puthex(*(u32 *)start_info);
+    puts(" memmap "); putdec(*(u32 *)(start_info + 48)); puts(" entries\n");
+    guest_run(*(u64 *)(start_info + 32));
+}
+#endif
+
+static void guest_run(u64 rsdp) {
+    u64 hb, beats, n = 0, beat = 0;
+    const char *v;
     puts("guest: cmdline "); puts(cmdline); putc('\n');
+    acpi_report(rsdp);
     find_devices();
 #ifdef HOSTILE
     hostile();

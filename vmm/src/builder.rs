@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::{boot, cpuid, layout, mptable, regs};
+use crate::arch::boot::BootEntry;
+use crate::arch::{acpi, boot, cpuid, layout, mptable, pvh, regs};
 use crate::config::{parse_mac, VmConfig};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::i8042::I8042;
@@ -53,6 +54,12 @@ pub enum BuildError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// The PVH start info could not be written.
+    #[error(transparent)]
+    Pvh(#[from] pvh::PvhError),
     /// A device backend could not be opened.
     #[error("Device {0}: {1}")]
     Device(String, String),
@@ -152,8 +159,8 @@ struct Parts {
     irqfds: Vec<(u32, EventFd)>,
     /// Queue notification eventfds to register as ioeventfds: (eventfd, address, queue, device).
     ioevents: Vec<DeferredIoevent>,
-    /// Kernel entry point (None when restoring).
-    entry: Option<u64>,
+    /// How vCPU 0 enters the kernel (None when restoring).
+    entry: Option<BootEntry>,
     exit_evt: EventFd,
     reset_evt: EventFd,
 }
@@ -254,10 +261,14 @@ fn assemble(cfg: &VmConfig, snapshot: Option<(&Snapshot, &Path)>, mem: &Arc<Gues
             };
             let list: Vec<(u64, u32)> = virtio.iter().map(|v| (v.addr, v.irq)).collect();
             let cmdline = boot::build_cmdline(&bootcfg.cmdline, &list)?;
-            boot::write_boot_params(mem, &kernel, &cmdline, initrd)?;
+            let rsdp = acpi::setup(mem, cfg.machine.vcpus)?;
+            boot::write_boot_params(mem, &kernel, &cmdline, initrd, Some(rsdp))?;
             regs::write_boot_tables(mem)?;
             mptable::setup(mem, cfg.machine.vcpus)?;
-            Some(kernel.entry)
+            match kernel.pvh_entry {
+                Some(entry) => Some(BootEntry::Pvh { entry, start_info: pvh::setup(mem, initrd, rsdp)? }),
+                None => Some(BootEntry::Linux64(kernel.entry)),
+            }
         }
         Some((snap, _)) => {
             if snap.virtio.len() != virtio.len() {

@@ -22,3 +22,5 @@ pub mod vstate;
 pub const TEST_GUEST: &str = env!("VMM_TEST_GUEST");
 /// Path of the hostile test guest (same source, built with -DHOSTILE).
 pub const TEST_GUEST_HOSTILE: &str = env!("VMM_TEST_GUEST_HOSTILE");
+/// Path of the test guest with a PVH note and 32-bit entry (built with -DPVH).
+pub const TEST_GUEST_PVH: &str = env!("VMM_TEST_GUEST_PVH");

@@ -103,7 +103,38 @@ fn two_vcpus_boot_with_an_mp_table() {
     cfg["machine"]["vcpus"] = 2.into();
     let mut vm = TestVm::boot(&dir, &cfg);
     assert!(vm.wait_exit(60).success(), "{}", vm.stderr_text());
-    assert!(vm.console_text().contains("heartbeat 1"));
+    let out = vm.console_text();
+    assert!(out.contains("heartbeat 1"));
+    // The guest walked RSDP -> XSDT -> MADT/FADT -> DSDT in its memory.
+    let acpi = out.lines().find(|l| l.starts_with("acpi: ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(acpi.starts_with("acpi: rsdp 0xe0000 dsdt "), "{acpi}");
+    assert!(acpi.ends_with(" cpus 2 ioapic 0xfec00000"), "{acpi}");
+}
+
+#[test]
+fn an_elf_with_a_pvh_note_boots_through_the_pvh_entry() {
+    if skip_reason().is_some() {
+        return;
+    }
+    let dir = TempDir::new("pvh");
+    let disk = dir.path("disk.img");
+    let data = make_disk(&disk, 16, 11);
+    let mut cfg = guest_config(&dir, vmm::TEST_GUEST_PVH, "guest.beats=2 guest.hb=1000 pvh-cmdline-marker");
+    cfg["machine"]["vcpus"] = 3.into();
+    cfg["block"] = serde_json::json!([{ "id": "root", "path": disk }]);
+    let mut vm = TestVm::boot(&dir, &cfg);
+    assert!(vm.wait_exit(60).success(), "{}\n{}", vm.console_text(), vm.stderr_text());
+    let out = vm.console_text();
+    // Entered at the note's 32-bit entry with %ebx at hvm_start_info: the
+    // magic, the memory map (low RAM, reserved BIOS area, RAM from 1 MiB)
+    // and the command line came from there.
+    assert!(out.contains("guest: pvh entry magic 0x336ec578 memmap 3 entries"), "{out}");
+    assert!(out.contains("pvh-cmdline-marker"), "{out}");
+    assert!(out.contains(" cpus 3 ioapic 0xfec00000"), "{out}");
+    // Devices work as after the 64-bit entry.
+    let want = format!("blk: read sectors 0-7 status=0 fnv={:#x}", fnv1a(&data[..4096]));
+    assert!(out.contains(&want), "{out}");
+    assert!(out.contains("heartbeat 2"), "{out}");
 }
 
 #[test]

@@ -41,6 +41,8 @@ pub struct LoadedKernel {
     pub setup_header: Option<linux_loader::loader::bootparam::setup_header>,
     /// First byte past the kernel.
     pub end: u64,
+    /// The 32-bit PVH entry point, when the ELF has a PVH note.
+    pub pvh_entry: Option<u64>,
 }
 
 /// Loads an ELF or, failing that, a bzImage at 1 MiB.
@@ -49,7 +51,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     let mut f = File::open(path).map_err(|e| BootError::Kernel(name.clone(), e))?;
     let elf_err = match Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => {
-            return Ok(LoadedKernel { entry: r.kernel_load.raw_value(), setup_header: None, end: r.kernel_end })
+            let pvh_entry = match r.pvh_boot_cap {
+                linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(a) => Some(a.raw_value()),
+                _ => None,
+            };
+            return Ok(LoadedKernel { entry: r.kernel_load.raw_value(), setup_header: None, end: r.kernel_end, pvh_entry });
         }
         Err(e) => e,
     };
@@ -58,6 +64,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             entry: r.kernel_load.raw_value() + 0x200,
             setup_header: r.setup_header,
             end: r.kernel_end,
+            pvh_entry: None,
         }),
         Err(bz) => Err(BootError::Load(name, elf_err, bz)),
     }
@@ -100,12 +107,27 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 
+/// How vCPU 0 enters the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// Linux 64-bit boot protocol: long mode, %rsi = zero page.
+    Linux64(u64),
+    /// PVH: 32-bit protected mode, paging off, %ebx = start info.
+    Pvh {
+        /// Entry point from the PVH note.
+        entry: u64,
+        /// Address of `hvm_start_info`.
+        start_info: u64,
+    },
+}
+
 /// Writes the command line and the zero page (boot_params with the e820 map).
 pub fn write_boot_params(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
     cmdline: &Cmdline,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -124,6 +146,9 @@ pub fn write_boot_params(
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
+    }
+    if let Some(a) = rsdp {
+        params.acpi_rsdp_addr = a;
     }
     let mut e820 = vec![(0u64, EBDA_START, E820_RAM), (EBDA_START, 0x10_0000 - EBDA_START, E820_RESERVED)];
     for r in mem.iter() {

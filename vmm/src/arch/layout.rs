@@ -2,6 +2,8 @@
 
 /// Global descriptor table.
 pub const GDT_START: u64 = 0x500;
+/// GDT for the PVH entry (flat 32-bit segments).
+pub const PVH_GDT_START: u64 = 0x540;
 /// Interrupt descriptor table (empty; the guest installs its own).
 pub const IDT_START: u64 = 0x520;
 /// Linux boot parameters ("zero page").

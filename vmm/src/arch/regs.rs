@@ -36,9 +36,12 @@ pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
+    // KVM takes the limit in bytes: with page granularity, scale it.
+    let raw = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
+    let limit = if (entry >> 55) & 1 == 1 { (raw << 12) | 0xfff } else { raw };
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
-        limit: ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32,
+        limit,
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -57,6 +60,9 @@ fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     for (i, e) in boot_gdt().iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_START + i as u64 * 8))?;
+    }
+    for (i, e) in pvh_gdt().iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(PVH_GDT_START + i as u64 * 8))?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_START))?;
     mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))?;
@@ -78,6 +84,45 @@ fn boot_gdt() -> [u64; 4] {
         gdt_entry(0xc093, 0, 0xfffff), // data
         gdt_entry(0x808b, 0, 0xfffff), // TSS
     ]
+}
+
+fn pvh_gdt() -> [u64; 4] {
+    [
+        gdt_entry(0, 0, 0),
+        gdt_entry(0xc09b, 0, 0xfffff), // flat 32-bit code
+        gdt_entry(0xc093, 0, 0xfffff), // flat data
+        gdt_entry(0x008b, 0, 0x67),    // TSS
+    ]
+}
+
+/// Puts the vCPU in 32-bit protected mode with paging off and flat
+/// segments, as the PVH boot protocol expects.
+pub fn setup_sregs_pvh(vcpu: &VcpuFd) -> Result<(), RegsError> {
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|e| RegsError::Ioctl("KVM_GET_SREGS", e))?;
+    let gdt = pvh_gdt();
+    let data = segment_from_gdt(gdt[2], 2);
+    sregs.gdt.base = PVH_GDT_START;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_START;
+    sregs.idt.limit = 7;
+    sregs.cs = segment_from_gdt(gdt[1], 1);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment_from_gdt(gdt[3], 3);
+    sregs.cr0 = (sregs.cr0 & !X86_CR0_PG) | X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(|e| RegsError::Ioctl("KVM_SET_SREGS", e))
+}
+
+/// PVH general registers: the entry point, and %ebx pointing at the start info.
+pub fn setup_regs_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<(), RegsError> {
+    let regs = kvm_regs { rflags: 0x2, rip: entry, rbx: start_info, ..Default::default() };
+    vcpu.set_regs(&regs).map_err(|e| RegsError::Ioctl("KVM_SET_REGS", e))
 }
 
 /// Puts the vCPU in 64-bit mode with paging on, as the Linux 64-bit boot protocol expects.
@@ -158,7 +203,12 @@ mod tests {
         let code = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
         assert_eq!((code.l, code.db, code.present, code.type_, code.selector), (1, 0, 1, 0xb, 8));
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 2);
-        assert_eq!((data.db, data.g, data.type_, data.limit), (1, 1, 3, 0xfffff));
+        assert_eq!((data.db, data.g, data.type_, data.limit), (1, 1, 3, 0xffff_ffff), "page-granular limit in bytes");
         assert_eq!(segment_from_gdt(0, 0).unusable, 1);
+        let pvh = pvh_gdt();
+        let code32 = segment_from_gdt(pvh[1], 1);
+        assert_eq!((code32.l, code32.db, code32.g, code32.type_, code32.limit), (0, 1, 1, 0xb, 0xffff_ffff));
+        let tss = segment_from_gdt(pvh[3], 3);
+        assert_eq!((tss.type_, tss.s, tss.limit, tss.present), (0xb, 0, 0x67, 1));
     }
 }

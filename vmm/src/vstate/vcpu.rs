@@ -199,12 +199,22 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// Sets the boot state: long mode at `entry` (BSP), and LINT wiring for all.
-    pub fn configure_boot(&self, entry: u64) -> Result<(), VcpuError> {
+    /// Sets the boot state of the BSP (long mode or PVH's protected mode at
+    /// the entry point), and LINT wiring for all.
+    pub fn configure_boot(&self, entry: crate::arch::boot::BootEntry) -> Result<(), VcpuError> {
+        use crate::arch::boot::BootEntry;
         regs::setup_lint(&self.fd)?;
         if self.id == 0 {
-            regs::setup_regs(&self.fd, entry)?;
-            regs::setup_sregs(&self.fd)?;
+            match entry {
+                BootEntry::Linux64(rip) => {
+                    regs::setup_regs(&self.fd, rip)?;
+                    regs::setup_sregs(&self.fd)?;
+                }
+                BootEntry::Pvh { entry, start_info } => {
+                    regs::setup_regs_pvh(&self.fd, entry, start_info)?;
+                    regs::setup_sregs_pvh(&self.fd)?;
+                }
+            }
             regs::setup_fpu(&self.fd)?;
         }
         Ok(())
@@ -429,6 +439,12 @@ fn run_loop(
                     return;
                 }
                 VcpuExit::Shutdown => {
+                    if let (Ok(r), Ok(sr)) = (fd.get_regs(), fd.get_sregs()) {
+                        eprintln!(
+                            "vmm: vcpu triple fault at rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                            r.rip, r.rsp, sr.cr0, sr.cr3, sr.cr4, sr.efer
+                        );
+                    }
                     drop(fd);
                     stop(ExitReason::TripleFault);
                     park_until_exit(s);
