@@ -16,15 +16,12 @@ fn field<'a>(v: &'a Value, name: &str) -> &'a str {
     [name, upper.as_str(), title.as_str()].iter().find_map(|k| v[*k].as_str()).unwrap_or_else(|| panic!("no {name} in {v}"))
 }
 
-#[test]
-fn single_node_site_with_the_openstack_cli() {
-    let Some(cli) = openstack_cli() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let store = store_args(dir.path(), None);
-    let url = free_url();
-    bootstrap(&store, &url);
-    let _site = coordinator(dir.path(), &store, "coordinator", &url, &[]);
-    let admin = Cloud::password(&cli, &url, "admin", ADMIN_PASSWORD, "admin");
+/// Issue 2's acceptance list, run with the CLI against a site; with several
+/// replicas, users talk to different replicas (alice to the last one).
+fn acceptance(cli: &std::path::Path, urls: &[String]) {
+    let url = urls[0].clone();
+    let other = urls.last().unwrap().clone();
+    let admin = Cloud::password(cli, &url, "admin", ADMIN_PASSWORD, "admin");
 
     let token = admin.json(&["token", "issue"]);
     assert!(token["id"].as_str().is_some_and(|t| t.len() > 100), "{token}");
@@ -52,8 +49,8 @@ fn single_node_site_with_the_openstack_cli() {
     );
 
     // alice logs in with the new password only, and sees project alpha but not beta.
-    Cloud::password(&cli, &url, "alice", "first-pw", "alpha").fails(&["token", "issue"]);
-    let alice = Cloud::password(&cli, &url, "alice", "second-pw", "alpha");
+    Cloud::password(cli, &other, "alice", "first-pw", "alpha").fails(&["token", "issue"]);
+    let alice = Cloud::password(cli, &other, "alice", "second-pw", "alpha");
     alice.json(&["token", "issue"]);
     alice.ok(&["project", "show", "alpha"]);
     // Another project is invisible to her: by name it is not found, by id it is forbidden.
@@ -68,10 +65,10 @@ fn single_node_site_with_the_openstack_cli() {
 
     // An application credential logs in on its own.
     let cred = admin.json(&["application", "credential", "create", "ci"]);
-    let mut app = Cloud { cli: cli.clone(), env: vec![] };
+    let mut app = Cloud { cli: cli.to_path_buf(), env: vec![] };
     app.env = vec![
         ("OS_AUTH_TYPE".into(), "v3applicationcredential".into()),
-        ("OS_AUTH_URL".into(), format!("{url}/v3")),
+        ("OS_AUTH_URL".into(), format!("{other}/v3")),
         ("OS_APPLICATION_CREDENTIAL_ID".into(), field(&cred, "id").into()),
         ("OS_APPLICATION_CREDENTIAL_SECRET".into(), field(&cred, "secret").into()),
         ("OS_IDENTITY_API_VERSION".into(), "3".into()),
@@ -92,6 +89,30 @@ fn single_node_site_with_the_openstack_cli() {
 
     admin.ok(&["project", "delete", "beta"]);
     assert!(!rows_have(&admin.json(&["project", "list"]), "Name", "beta"));
+}
+
+#[test]
+fn single_node_site_with_the_openstack_cli() {
+    let Some(cli) = openstack_cli() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_args(dir.path(), None);
+    let url = free_url();
+    bootstrap(&store, &url);
+    let _site = coordinator(dir.path(), &store, "coordinator", &url, &[]);
+    acceptance(&cli, &[url]);
+}
+
+#[test]
+fn two_replicas_on_etcd_with_the_openstack_cli() {
+    let Some(cli) = openstack_cli() else { return };
+    let Some(etcd) = store::testing::EtcdServer::start_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_args(dir.path(), Some(&etcd.endpoint()));
+    let (url_a, url_b) = (free_url(), free_url());
+    bootstrap(&store, &url_a);
+    let _a = coordinator(dir.path(), &store, "a", &url_a, &[]);
+    let _b = coordinator(dir.path(), &store, "b", &url_b, &[]);
+    acceptance(&cli, &[url_a, url_b]);
 }
 
 #[test]
