@@ -65,6 +65,26 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU time (user + system) a process has used so far, from /proc.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ, the unit of these fields, is 100 on every Linux architecture (fixed ABI).
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time per claim of this process and of etcd over one run, as text.
+fn cpu_per_claim(before: (Option<Duration>, Option<Duration>), after: (Option<Duration>, Option<Duration>), claims: u64) -> String {
+    let per = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.0} us", (b.saturating_sub(a)).as_secs_f64() * 1e6 / claims.max(1) as f64),
+        _ => "n/a".into(),
+    };
+    format!("schedulers {} + etcd {}", per(before.0, after.0), per(before.1, after.1))
+}
+
 fn mib(kib: Option<u64>) -> String {
     kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "n/a".into())
 }
@@ -112,9 +132,12 @@ async fn load_hosts(store: Arc<dyn Store>, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs `schedulers` concurrently until `claims` claims each; returns claims/s and conflicts.
-async fn run_schedulers(schedulers: &[Arc<Scheduler>], claims: u64, concurrency: usize) -> Result<(f64, u64)> {
+/// Runs `schedulers` concurrently until `claims` claims each; returns claims/s,
+/// conflicts and the CPU time per claim of this process and of etcd.
+async fn run_schedulers(schedulers: &[Arc<Scheduler>], claims: u64, concurrency: usize, etcd_pid: Option<u32>) -> Result<(f64, u64, String)> {
     let conflicts_before: u64 = schedulers.iter().map(|s| s.stats().conflicts.load(Ordering::Relaxed)).sum();
+    let cpu = || (cpu_time(std::process::id()), etcd_pid.and_then(cpu_time));
+    let cpu_before = cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for s in schedulers {
@@ -145,12 +168,17 @@ async fn run_schedulers(schedulers: &[Arc<Scheduler>], claims: u64, concurrency:
         t.await??;
     }
     let secs = start.elapsed().as_secs_f64();
+    let total = claims * schedulers.len() as u64;
+    let cpu = cpu_per_claim(cpu_before, cpu(), total);
     let conflicts: u64 = schedulers.iter().map(|s| s.stats().conflicts.load(Ordering::Relaxed)).sum::<u64>() - conflicts_before;
-    Ok(((claims * schedulers.len() as u64) as f64 / secs, conflicts))
+    Ok((total as f64 / secs, conflicts, cpu))
 }
 
-/// Compare-and-swap on one key per task through `store` for `secs`; returns transactions/s.
-async fn cas_rate(store: Arc<dyn Store>, tasks: usize, secs: f64) -> Result<f64> {
+/// Compare-and-swap on one key per task through `store` for `secs`; returns
+/// transactions/s and the CPU time per transaction of this process and of etcd.
+async fn cas_rate(store: Arc<dyn Store>, tasks: usize, secs: f64, etcd_pid: Option<u32>) -> Result<(f64, String)> {
+    let cpu = || (cpu_time(std::process::id()), etcd_pid.and_then(cpu_time));
+    let cpu_before = cpu();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let count = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
@@ -177,7 +205,8 @@ async fn cas_rate(store: Arc<dyn Store>, tasks: usize, secs: f64) -> Result<f64>
     for h in handles {
         h.await??;
     }
-    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    let n = count.load(Ordering::Relaxed);
+    Ok((n as f64 / start.elapsed().as_secs_f64(), cpu_per_claim(cpu_before, cpu(), n).replace("schedulers", "client")))
 }
 
 /// Runs `n` requests made by `make`, `conc` at a time; returns requests/s and p99 latency.
@@ -287,24 +316,26 @@ async fn main() -> Result<()> {
     let cache_load = t.elapsed();
     let self_rss = rss_kib(std::process::id());
 
-    let (rate1, conflicts1) = run_schedulers(std::slice::from_ref(&one), args.claims, args.concurrency).await?;
-    let cas1 = cas_rate(connect().await?, args.concurrency, 3.0).await?;
+    let (rate1, conflicts1, cpu1) = run_schedulers(std::slice::from_ref(&one), args.claims, args.concurrency, args.etcd_pid).await?;
+    let (cas1, cas_cpu1) = cas_rate(connect().await?, args.concurrency, 3.0, args.etcd_pid).await?;
     row(
         &format!("scheduler claims, 1 scheduler ({} in flight)", args.concurrency),
         format!("{rate1:.0}/s ({conflicts1} races lost)"),
         format!("etcd CAS on private keys, {} tasks: {cas1:.0}/s", args.concurrency),
     );
+    row("  CPU time per claim, 1 scheduler", cpu1, format!("per CAS: {cas_cpu1}"));
     let mut three = vec![one.clone()];
     for _ in 0..2 {
         three.push(Arc::new(Scheduler::start(connect().await?, Arc::new(AllHostsUp), config.clone()).await?));
     }
-    let (rate3, conflicts3) = run_schedulers(&three, args.claims, args.concurrency).await?;
-    let cas3 = cas_rate(connect().await?, args.concurrency * 3, 3.0).await?;
+    let (rate3, conflicts3, cpu3) = run_schedulers(&three, args.claims, args.concurrency, args.etcd_pid).await?;
+    let (cas3, cas_cpu3) = cas_rate(connect().await?, args.concurrency * 3, 3.0, args.etcd_pid).await?;
     row(
         &format!("scheduler claims, 3 schedulers ({} in flight each)", args.concurrency),
         format!("{rate3:.0}/s ({conflicts3} races lost)"),
         format!("etcd CAS on private keys, {} tasks: {cas3:.0}/s", args.concurrency * 3),
     );
+    row("  CPU time per claim, 3 schedulers", cpu3, format!("per CAS: {cas_cpu3}"));
     println!("{:<58} {:>22}   ref: kube-scheduler's own benchmark, 5,000 nodes: 680-810 pods/s (published, not measured here)", "", "");
 
     // Over-commit check across everything the runs claimed.
