@@ -115,7 +115,7 @@ impl Hypervisor {
             "free_disk_gb": local_gb as i64 - local_used as i64,
             "disk_available_least": inv.and_then(|i| i.instance_pool.as_ref()).map(|p| p.free_gb),
             "current_workload": 0,
-            "running_vms": self.provider.as_ref().map_or(0, |p| p.allocations.len()),
+            "running_vms": self.provider.as_ref().map_or(0, |p| p.consumers),
         });
         if let (Value::Object(a), Value::Object(b)) = (&mut v, extra) {
             a.extend(b);

@@ -142,7 +142,7 @@ pub async fn delete(store: &dyn Store, id: &str) -> Result<(), HostsError> {
     let kv = store.get(&key).await?.ok_or_else(|| HostsError::NotFound(id.into()))?;
     let record: HostRecord = decode(&kv.key, &kv.value)?;
     let tree = crate::placement::db::get_tree(store, &host_uuid).await?;
-    if let Some(p) = tree.iter().find(|p| !p.value.allocations.is_empty()) {
+    if let Some(p) = tree.iter().find(|p| p.value.has_allocations()) {
         return Err(HostsError::Placement(crate::placement::db::DbError::ProviderInUse(p.value.uuid)));
     }
     // Leaves first: a parent with children cannot go.

@@ -2,9 +2,14 @@
 //!
 //! Layout (all under `/placement/`):
 //! - `rp/<uuid>`: one [`Provider`]: its name, place in the tree, generation,
-//!   inventories, traits, aggregates, children and the allocations made
-//!   against it (per consumer). Usage is the sum of those allocations, so a
-//!   claim needs only the provider records it touches.
+//!   inventories, traits, aggregates, children, and what all consumers
+//!   together use of it (totals per class, and how many consumers). The
+//!   record stays the same size however many consumers a provider serves, so
+//!   a claim rewrites, and every scheduler's watch decodes, a few hundred
+//!   bytes, and a claim needs only the provider records it touches.
+//! - `alloc/<provider>/<consumer>`: one consumer's share of one provider
+//!   ([`ProviderAllocation`]), the index behind a provider's allocation list;
+//!   written in the same transaction as the totals and the consumer record.
 //! - `rp-name/<name>`: the uuid owning a provider name (names are unique).
 //! - `consumer/<uuid>`: one [`Consumer`]: project, user, generation and its
 //!   allocations keyed by provider.
@@ -17,6 +22,10 @@
 //! hold. The provider's `generation` is Placement's public generation: it goes
 //! up on every change clients can see (inventories, traits, aggregates,
 //! allocations).
+//!
+//! Provider records of schema 1 kept every consumer's allocations inside the
+//! provider record; they are still read (the totals are summed on reading),
+//! and the next write of such a provider moves those allocations to `alloc/`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -31,6 +40,8 @@ use super::{classes, traits};
 pub const RP_PREFIX: &str = "/placement/rp/";
 /// Key prefix of the provider name index.
 pub const RP_NAME_PREFIX: &str = "/placement/rp-name/";
+/// Key prefix of the per-provider allocation index.
+pub const ALLOC_PREFIX: &str = "/placement/alloc/";
 /// Key prefix of consumer records.
 pub const CONSUMER_PREFIX: &str = "/placement/consumer/";
 /// Key prefix of custom resource classes.
@@ -53,6 +64,11 @@ fn rp_name_key(name: &str) -> String {
 /// Key of a consumer record.
 pub fn consumer_key(uuid: &Uuid) -> String {
     format!("{CONSUMER_PREFIX}{uuid}")
+}
+
+/// Key of one consumer's allocation on one provider.
+pub fn alloc_key(provider: &Uuid, consumer: &Uuid) -> String {
+    format!("{ALLOC_PREFIX}{provider}/{consumer}")
 }
 
 fn rc_key(name: &str) -> String {
@@ -226,13 +242,112 @@ pub struct Provider {
     /// Direct children, kept here so deletes and tree walks need no range read.
     #[serde(default)]
     pub children: BTreeSet<Uuid>,
-    /// What each consumer holds of this provider, per resource class.
+    /// What all consumers together hold of this provider, per resource class
+    /// (classes in use only). Each consumer's share is in its consumer record
+    /// and under `alloc/<provider>/<consumer>`.
     #[serde(default)]
-    pub allocations: BTreeMap<Uuid, BTreeMap<String, u64>>,
+    pub usage: BTreeMap<String, u64>,
+    /// How many consumers hold allocations here.
+    #[serde(default)]
+    pub consumers: u64,
+    /// Per-consumer allocations of a schema-1 record, which kept them inside
+    /// the provider; the next write of the provider moves them to `alloc/`.
+    #[serde(skip)]
+    legacy_allocations: Option<BTreeMap<Uuid, BTreeMap<String, u64>>>,
 }
 
-impl Record for Provider {
-    const VERSION: u32 = 1;
+/// Schema of provider records this build writes (1 kept per-consumer allocations inside).
+const PROVIDER_VERSION: u32 = 2;
+
+/// A provider record as read: any schema this build knows.
+#[derive(Deserialize)]
+struct StoredProvider {
+    v: u32,
+    uuid: Uuid,
+    name: String,
+    #[serde(default)]
+    parent: Option<Uuid>,
+    root: Uuid,
+    generation: u64,
+    #[serde(default)]
+    inventories: BTreeMap<String, Inventory>,
+    #[serde(default)]
+    traits: BTreeSet<String>,
+    #[serde(default)]
+    aggregates: BTreeSet<Uuid>,
+    #[serde(default)]
+    children: BTreeSet<Uuid>,
+    #[serde(default)]
+    usage: BTreeMap<String, u64>,
+    #[serde(default)]
+    consumers: u64,
+    /// Schema 1 only.
+    #[serde(default)]
+    allocations: Option<BTreeMap<Uuid, BTreeMap<String, u64>>>,
+}
+
+/// A provider record as written: the provider and its schema version.
+#[derive(Serialize)]
+struct ProviderOut<'a> {
+    v: u32,
+    #[serde(flatten)]
+    provider: &'a Provider,
+}
+
+/// Encodes a provider record (schema 2) straight to JSON.
+pub fn encode_provider(p: &Provider) -> Vec<u8> {
+    serde_json::to_vec(&ProviderOut { v: PROVIDER_VERSION, provider: p }).expect("a provider always serializes")
+}
+
+/// Decodes a provider record of schema 1 or 2 in one pass (no intermediate
+/// JSON tree: every scheduler decodes every claim's record from its watch).
+pub fn decode_provider(key: &str, bytes: &[u8]) -> std::result::Result<Provider, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt { key: key.into(), reason };
+    let s: StoredProvider = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if s.v < 1 || s.v > PROVIDER_VERSION {
+        return Err(corrupt(format!("schema version {} not supported (this build reads 1..={PROVIDER_VERSION})", s.v)));
+    }
+    let mut p = Provider {
+        uuid: s.uuid,
+        name: s.name,
+        parent: s.parent,
+        root: s.root,
+        generation: s.generation,
+        inventories: s.inventories,
+        traits: s.traits,
+        aggregates: s.aggregates,
+        children: s.children,
+        usage: s.usage,
+        consumers: s.consumers,
+        legacy_allocations: None,
+    };
+    if s.v == 1 {
+        let allocations = s.allocations.unwrap_or_default();
+        p.usage.clear();
+        for amounts in allocations.values() {
+            p.add_usage(amounts);
+        }
+        p.consumers = allocations.len() as u64;
+        if !allocations.is_empty() {
+            p.legacy_allocations = Some(allocations);
+        }
+    }
+    Ok(p)
+}
+
+fn decode_provider_kv(kv: &KeyValue) -> Result<Versioned<Provider>> {
+    Ok(Versioned { value: decode_provider(&kv.key, &kv.value)?, mod_revision: kv.mod_revision })
+}
+
+/// Adds the put of `p` to `txn`, and the `alloc/` keys of the consumers a
+/// schema-1 record still held inside (the caller has removed those it rewrites itself).
+fn put_provider(mut txn: Txn, p: &Provider) -> Txn {
+    if let Some(legacy) = &p.legacy_allocations {
+        for (consumer, resources) in legacy {
+            txn = txn.and_then(Op::put(alloc_key(&p.uuid, consumer), encode(&ProviderAllocation { resources: resources.clone() })));
+        }
+    }
+    txn.and_then(Op::put(rp_key(&p.uuid), encode_provider(p)))
 }
 
 impl Provider {
@@ -248,24 +363,29 @@ impl Provider {
             traits: BTreeSet::new(),
             aggregates: BTreeSet::new(),
             children: BTreeSet::new(),
-            allocations: BTreeMap::new(),
+            usage: BTreeMap::new(),
+            consumers: 0,
+            legacy_allocations: None,
         }
     }
 
     /// How much of `class` is allocated.
     pub fn used(&self, class: &str) -> u64 {
-        self.allocations.values().filter_map(|a| a.get(class)).sum()
+        self.usage.get(class).copied().unwrap_or(0)
     }
 
     /// Usage of every class this provider has inventory or allocations of.
     pub fn usages(&self) -> BTreeMap<String, u64> {
         let mut u: BTreeMap<String, u64> = self.inventories.keys().map(|c| (c.clone(), 0)).collect();
-        for a in self.allocations.values() {
-            for (c, n) in a {
-                *u.entry(c.clone()).or_default() += n;
-            }
+        for (c, n) in &self.usage {
+            *u.entry(c.clone()).or_default() += n;
         }
         u
+    }
+
+    /// Whether any consumer holds allocations here.
+    pub fn has_allocations(&self) -> bool {
+        self.consumers > 0 || !self.usage.is_empty()
     }
 
     /// What is still free of `class` (0 without inventory).
@@ -280,6 +400,34 @@ impl Provider {
             None => false,
         }
     }
+
+    fn add_usage(&mut self, amounts: &BTreeMap<String, u64>) {
+        for (c, n) in amounts {
+            *self.usage.entry(c.clone()).or_default() += n;
+        }
+    }
+
+    fn remove_usage(&mut self, amounts: &BTreeMap<String, u64>) {
+        for (c, n) in amounts {
+            if let Some(u) = self.usage.get_mut(c) {
+                *u = u.saturating_sub(*n);
+                if *u == 0 {
+                    self.usage.remove(c);
+                }
+            }
+        }
+    }
+}
+
+/// One consumer's share of one provider: `/placement/alloc/<provider>/<consumer>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProviderAllocation {
+    /// Resource class -> amount.
+    pub resources: BTreeMap<String, u64>,
+}
+
+impl Record for ProviderAllocation {
+    const VERSION: u32 = 1;
 }
 
 /// A consumer's allocations: `/placement/consumer/<uuid>`.
@@ -336,7 +484,7 @@ fn decode_kv<T: Record>(kv: &KeyValue) -> Result<Versioned<T>> {
 /// Reads one provider.
 pub async fn get_provider(store: &dyn Store, uuid: &Uuid) -> Result<Option<Versioned<Provider>>> {
     match store.get(&rp_key(uuid)).await? {
-        Some(kv) => Ok(Some(decode_kv(&kv)?)),
+        Some(kv) => Ok(Some(decode_provider_kv(&kv)?)),
         None => Ok(None),
     }
 }
@@ -359,10 +507,23 @@ pub async fn list_providers(store: &dyn Store) -> Result<(Vec<Versioned<Provider
         let r = store.range(&format!("{RP_PREFIX}{digit}")).await?;
         revision = revision.min(r.revision);
         for kv in &r.kvs {
-            out.push(decode_kv(kv)?);
+            out.push(decode_provider_kv(kv)?);
         }
     }
     Ok((out, revision))
+}
+
+/// Every consumer's allocations on one provider: consumer -> class -> amount.
+pub async fn provider_allocations(store: &dyn Store, p: &Provider) -> Result<BTreeMap<Uuid, BTreeMap<String, u64>>> {
+    let prefix = format!("{ALLOC_PREFIX}{}/", p.uuid);
+    let r = store.range(&prefix).await?;
+    let mut out = p.legacy_allocations.clone().unwrap_or_default();
+    for kv in &r.kvs {
+        let consumer = Uuid::parse_str(&kv.key[prefix.len()..])
+            .map_err(|e| StoreError::Corrupt { key: kv.key.clone(), reason: format!("not a consumer uuid: {e}") })?;
+        out.insert(consumer, decode::<ProviderAllocation>(&kv.key, &kv.value)?.resources);
+    }
+    Ok(out)
 }
 
 /// Looks a provider up by name.
@@ -533,13 +694,9 @@ pub async fn create_provider(store: &dyn Store, uuid: Option<Uuid>, name: &str, 
             provider.parent = Some(parent_uuid);
             provider.root = p.value.root;
             p.value.children.insert(uuid);
-            txn = txn
-                .when(Compare::ModRevision(rp_key(&parent_uuid), p.mod_revision))
-                .and_then(Op::put(rp_key(&parent_uuid), encode(&p.value)));
+            txn = put_provider(txn.when(Compare::ModRevision(rp_key(&parent_uuid), p.mod_revision)), &p.value);
         }
-        txn = txn
-            .and_then(Op::put(key, encode(&provider)))
-            .and_then(Op::put(name_key, encode(&NameOwner { uuid })));
+        txn = put_provider(txn, &provider).and_then(Op::put(name_key, encode(&NameOwner { uuid })));
         let r = store.txn(txn).await?;
         if r.succeeded {
             return Ok(provider);
@@ -580,9 +737,7 @@ where
         }
         p.generation += 1;
         let key = rp_key(uuid);
-        let r = store
-            .txn(Txn::new().when(Compare::ModRevision(key.clone(), current.mod_revision)).and_then(Op::put(key, encode(&p))))
-            .await?;
+        let r = store.txn(put_provider(Txn::new().when(Compare::ModRevision(key, current.mod_revision)), &p)).await?;
         if r.succeeded {
             return Ok(p);
         }
@@ -615,9 +770,7 @@ pub async fn rename_provider(store: &dyn Store, uuid: &Uuid, name: &str, parent:
                 if let Some(old) = p.parent {
                     let mut op = must_get_provider(store, &old).await?;
                     op.value.children.remove(uuid);
-                    txn = txn
-                        .when(Compare::ModRevision(rp_key(&old), op.mod_revision))
-                        .and_then(Op::put(rp_key(&old), encode(&op.value)));
+                    txn = put_provider(txn.when(Compare::ModRevision(rp_key(&old), op.mod_revision)), &op.value);
                 }
                 match new_parent {
                     Some(np_uuid) => {
@@ -638,9 +791,7 @@ pub async fn rename_provider(store: &dyn Store, uuid: &Uuid, name: &str, parent:
                         }
                         np.value.children.insert(*uuid);
                         p.root = np.value.root;
-                        txn = txn
-                            .when(Compare::ModRevision(rp_key(&np_uuid), np.mod_revision))
-                            .and_then(Op::put(rp_key(&np_uuid), encode(&np.value)));
+                        txn = put_provider(txn.when(Compare::ModRevision(rp_key(&np_uuid), np.mod_revision)), &np.value);
                     }
                     None => {
                         if !p.children.is_empty() {
@@ -656,7 +807,7 @@ pub async fn rename_provider(store: &dyn Store, uuid: &Uuid, name: &str, parent:
             return Ok(p);
         }
         p.generation += 1;
-        txn = txn.and_then(Op::put(rp_key(uuid), encode(&p)));
+        txn = put_provider(txn, &p);
         let r = store.txn(txn).await?;
         if r.succeeded {
             return Ok(p);
@@ -676,7 +827,7 @@ pub async fn delete_provider(store: &dyn Store, uuid: &Uuid) -> Result<()> {
         if !p.children.is_empty() {
             return Err(DbError::ProviderHasChildren(*uuid));
         }
-        if !p.allocations.is_empty() {
+        if p.has_allocations() {
             return Err(DbError::ProviderInUse(*uuid));
         }
         let mut txn = Txn::new()
@@ -686,9 +837,7 @@ pub async fn delete_provider(store: &dyn Store, uuid: &Uuid) -> Result<()> {
         if let Some(parent) = p.parent {
             if let Some(mut pp) = get_provider(store, &parent).await? {
                 pp.value.children.remove(uuid);
-                txn = txn
-                    .when(Compare::ModRevision(rp_key(&parent), pp.mod_revision))
-                    .and_then(Op::put(rp_key(&parent), encode(&pp.value)));
+                txn = put_provider(txn.when(Compare::ModRevision(rp_key(&parent), pp.mod_revision)), &pp.value);
             }
         }
         if store.txn(txn).await?.succeeded {
@@ -813,12 +962,19 @@ pub async fn reshape(
             }
             p.value.inventories = inv.clone();
         }
+        // The `alloc/` index: (provider, consumer) -> new share, `None` to delete.
+        let mut index: BTreeMap<(Uuid, Uuid), Option<&BTreeMap<String, u64>>> = BTreeMap::new();
         for (req, current) in requests.iter().zip(&consumers) {
             if let Some(c) = current {
-                for rp in c.value.allocations.keys() {
+                for (rp, amounts) in &c.value.allocations {
                     if let Some(p) = providers.get_mut(rp) {
-                        p.value.allocations.remove(&req.consumer);
+                        p.value.remove_usage(amounts);
+                        p.value.consumers = p.value.consumers.saturating_sub(1);
+                        if let Some(legacy) = &mut p.value.legacy_allocations {
+                            legacy.remove(&req.consumer);
+                        }
                     }
+                    index.insert((*rp, req.consumer), None);
                 }
             }
             for (rp, amounts) in &req.allocations {
@@ -827,7 +983,9 @@ pub async fn reshape(
                     let inv = p.value.inventories.get(class).ok_or_else(|| DbError::NoInventory { provider: *rp, class: class.clone() })?;
                     inv.check_amount(*rp, class, *amount)?;
                 }
-                p.value.allocations.insert(req.consumer, amounts.clone());
+                p.value.add_usage(amounts);
+                p.value.consumers += 1;
+                index.insert((*rp, req.consumer), Some(amounts));
             }
         }
         // Capacity: every class whose usage went up, or whose inventory was replaced, must still fit.
@@ -850,10 +1008,15 @@ pub async fn reshape(
         for (uuid, p) in &mut providers {
             if p.value != before[uuid] {
                 p.value.generation += 1;
-                txn = txn
-                    .when(Compare::ModRevision(rp_key(uuid), p.mod_revision))
-                    .and_then(Op::put(rp_key(uuid), encode(&p.value)));
+                txn = put_provider(txn.when(Compare::ModRevision(rp_key(uuid), p.mod_revision)), &p.value);
             }
+        }
+        for ((rp, consumer), share) in index {
+            let key = alloc_key(&rp, &consumer);
+            txn = txn.and_then(match share {
+                Some(resources) => Op::put(key, encode(&ProviderAllocation { resources: resources.clone() })),
+                None => Op::delete(key),
+            });
         }
         for (req, current) in requests.iter().zip(&consumers) {
             let key = consumer_key(&req.consumer);
@@ -921,37 +1084,60 @@ pub async fn delete_allocations(store: &dyn Store, consumer: &Uuid) -> Result<bo
     Ok(true)
 }
 
+/// A record outside Placement that a claim also compares and rewrites in
+/// its transaction (e.g. a server group's membership), so that claims which
+/// must see each other's outcome serialize on it.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    pub key: String,
+    /// Mod-revision the caller read the record at (0: the record was absent).
+    pub mod_revision: i64,
+    /// The record to write if the claim succeeds.
+    pub value: Vec<u8>,
+}
+
 /// The outcome of a [`claim`] against cached providers.
 #[derive(Debug)]
 pub enum Claim {
-    /// The allocations are written; the providers as stored now (same order as given).
-    Claimed(Vec<Versioned<Provider>>),
-    /// A provider changed since it was cached; here is what is stored now
-    /// (`None` where a provider is gone). Nothing was written.
-    Stale(Vec<Option<Versioned<Provider>>>),
+    /// The allocations are written; the providers as stored now (same order
+    /// as given) and the store revision of the write (the guard's new mod-revision).
+    Claimed { providers: Vec<Versioned<Provider>>, revision: i64 },
+    /// A provider or the guard changed since it was read; here is what is
+    /// stored now (`None` where a provider or the guard is gone, and for the
+    /// guard when none was given). Nothing was written.
+    Stale { providers: Vec<Option<Versioned<Provider>>>, guard: Option<KeyValue> },
 }
 
 /// The scheduler's claim: one transaction that compares the cached
-/// mod-revision of every provider it touches (so a provider changed by anyone
-/// since it was read makes it fail) and writes the updated providers and the
-/// new consumer. On failure it returns the providers as they are now, read in
-/// the same round trip, so the caller can refresh its cache and move on.
+/// mod-revision of every provider it is given (so a provider changed by
+/// anyone since it was read makes it fail) and of the guard, if any, and
+/// writes the new usage totals of the providers, the consumer's share of each
+/// (`alloc/`), the new consumer and the guard. On failure it returns the
+/// providers and the guard as they are now, read in the same round trip, so
+/// the caller can refresh its cache and move on without another read.
 ///
 /// `providers` holds each touched provider as cached; `allocations` maps
 /// provider uuid -> class -> amount. Fails with [`DbError::Capacity`] without
 /// touching the store when the cached state already shows no room, and with
 /// [`DbError::ConsumerGeneration`] when the consumer already exists.
-pub async fn claim(
+pub async fn claim<P: std::borrow::Borrow<Versioned<Provider>>>(
     store: &dyn Store,
     consumer: &Consumer,
-    providers: &[Versioned<Provider>],
+    providers: &[P],
     allocations: &BTreeMap<Uuid, BTreeMap<String, u64>>,
+    guard: Option<&Guard>,
 ) -> Result<Claim> {
+    if allocations.keys().any(|u| !providers.iter().any(|p| p.borrow().value.uuid == *u)) {
+        return Err(DbError::InvalidAllocation("an allocation names a provider that was not given".into()));
+    }
     let mut updated = Vec::with_capacity(providers.len());
     let ckey = consumer_key(&consumer.uuid);
     let mut txn = Txn::new().when(Compare::Absent(ckey.clone())).or_else(Op::get(ckey.clone()));
     for cached in providers {
+        let cached = cached.borrow();
         let mut p = cached.value.clone();
+        let key = rp_key(&p.uuid);
+        txn = txn.when(Compare::ModRevision(key.clone(), cached.mod_revision)).or_else(Op::get(key));
         if let Some(amounts) = allocations.get(&p.uuid) {
             for (class, amount) in amounts {
                 let inv = p.inventories.get(class).ok_or_else(|| DbError::NoInventory { provider: p.uuid, class: class.clone() })?;
@@ -961,18 +1147,19 @@ pub async fn claim(
                     return Err(DbError::Capacity { provider: p.uuid, class: class.clone(), requested: *amount, used, capacity: inv.capacity() });
                 }
             }
-            p.allocations.insert(consumer.uuid, amounts.clone());
+            p.add_usage(amounts);
+            p.consumers += 1;
             p.generation += 1;
+            txn = put_provider(txn, &p)
+                .and_then(Op::put(alloc_key(&p.uuid, &consumer.uuid), encode(&ProviderAllocation { resources: amounts.clone() })));
         }
-        let key = rp_key(&p.uuid);
-        txn = txn
-            .when(Compare::ModRevision(key.clone(), cached.mod_revision))
-            .and_then(Op::put(key.clone(), encode(&p)))
-            .or_else(Op::get(key));
         updated.push(p);
     }
-    if allocations.keys().any(|u| !providers.iter().any(|p| p.value.uuid == *u)) {
-        return Err(DbError::InvalidAllocation("an allocation names a provider that was not given".into()));
+    if let Some(g) = guard {
+        txn = txn
+            .when(Compare::ModRevision(g.key.clone(), g.mod_revision))
+            .and_then(Op::put(g.key.clone(), g.value.clone()))
+            .or_else(Op::get(g.key.clone()));
     }
     let mut record = consumer.clone();
     record.generation = 1;
@@ -980,20 +1167,38 @@ pub async fn claim(
     txn = txn.and_then(Op::put(ckey, encode(&record)));
     let r = store.txn(txn).await?;
     if r.succeeded {
-        return Ok(Claim::Claimed(updated.into_iter().map(|value| Versioned { value, mod_revision: r.revision }).collect()));
+        let revision = r.revision;
+        let providers = updated
+            .into_iter()
+            .zip(providers)
+            .map(|(mut value, cached)| {
+                let cached = cached.borrow();
+                if value.generation == cached.value.generation {
+                    // Compared but not written: still at its old revision.
+                    return Versioned { value, mod_revision: cached.mod_revision };
+                }
+                value.legacy_allocations = None;
+                Versioned { value, mod_revision: revision }
+            })
+            .collect();
+        return Ok(Claim::Claimed { providers, revision });
     }
     let mut results = r.results.into_iter();
     if let Some(OpResult::Get(Some(_))) = results.next() {
         return Err(DbError::ConsumerGeneration { consumer: consumer.uuid, expected: "None".into(), actual: "an existing consumer".into() });
     }
     let mut fresh = Vec::with_capacity(providers.len());
-    for res in results {
+    for res in results.by_ref().take(providers.len()) {
         fresh.push(match res {
-            OpResult::Get(Some(kv)) => Some(decode_kv(&kv)?),
+            OpResult::Get(Some(kv)) => Some(decode_provider_kv(&kv)?),
             _ => None,
         });
     }
-    Ok(Claim::Stale(fresh))
+    let guard = match results.next() {
+        Some(OpResult::Get(kv)) => kv,
+        _ => None,
+    };
+    Ok(Claim::Stale { providers: fresh, guard })
 }
 
 // ---------------------------------------------------------------- provider trees from hosts
@@ -1125,11 +1330,10 @@ pub async fn sync_provider_tree(store: &dyn Store, tree: &ProviderTree) -> Resul
                             .and_then(Op::put(nk, encode(&NameOwner { uuid: spec.uuid })));
                         p.name = spec.name.clone();
                     }
-                    let key = rp_key(&spec.uuid);
-                    txn = txn.when(Compare::ModRevision(key.clone(), cur.mod_revision));
+                    txn = txn.when(Compare::ModRevision(rp_key(&spec.uuid), cur.mod_revision));
                     if p != *old {
                         p.generation += 1;
-                        txn = txn.and_then(Op::put(key, encode(&p)));
+                        txn = put_provider(txn, &p);
                         report.updated += 1;
                     } else {
                         report.unchanged += 1;
@@ -1149,10 +1353,7 @@ pub async fn sync_provider_tree(store: &dyn Store, tree: &ProviderTree) -> Resul
                     p.children = children;
                     let key = rp_key(&spec.uuid);
                     let nk = rp_name_key(&spec.name);
-                    txn = txn
-                        .when(Compare::Absent(key.clone()))
-                        .when(Compare::Absent(nk.clone()))
-                        .and_then(Op::put(key, encode(&p)))
+                    txn = put_provider(txn.when(Compare::Absent(key)).when(Compare::Absent(nk.clone())), &p)
                         .and_then(Op::put(nk.clone(), encode(&NameOwner { uuid: spec.uuid })))
                         .or_else(Op::get(nk));
                     report.created += 1;
@@ -1163,7 +1364,7 @@ pub async fn sync_provider_tree(store: &dyn Store, tree: &ProviderTree) -> Resul
             if uuids.contains(&p.value.uuid) {
                 continue;
             }
-            if !p.value.allocations.is_empty() {
+            if p.value.has_allocations() {
                 return Err(DbError::ProviderInUse(p.value.uuid));
             }
             let key = rp_key(&p.value.uuid);

@@ -193,7 +193,7 @@ async fn follow(store: Arc<dyn Store>, inner: Arc<RwLock<Inner>>, mut revision: 
                             for ev in resp.events {
                                 revision = revision.max(ev.kv.mod_revision);
                                 match ev.kind {
-                                    EventKind::Put => match store::record::decode::<Provider>(&ev.kv.key, &ev.kv.value) {
+                                    EventKind::Put => match db::decode_provider(&ev.kv.key, &ev.kv.value) {
                                         Ok(value) => guard.upsert(Versioned { value, mod_revision: ev.kv.mod_revision }),
                                         Err(e) => tracing::warn!(error = %e, "skipping unreadable provider record"),
                                     },

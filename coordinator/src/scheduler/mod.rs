@@ -200,13 +200,13 @@ impl Scheduler {
                 let Some(sel) = fit::fit(&tree, req) else { continue };
                 let touched: Vec<Versioned<db::Provider>> =
                     tree.iter().filter(|p| sel.allocations.contains_key(&p.value.uuid)).map(|p| (**p).clone()).collect();
-                match db::claim(self.store.as_ref(), &consumer, &touched, &sel.allocations).await {
-                    Ok(Claim::Claimed(now)) => {
+                match db::claim(self.store.as_ref(), &consumer, &touched, &sel.allocations, None).await {
+                    Ok(Claim::Claimed { providers: now, .. }) => {
                         self.cache.apply(now);
                         self.stats.claims.fetch_add(1, Ordering::Relaxed);
                         return Ok(sel);
                     }
-                    Ok(Claim::Stale(now)) => {
+                    Ok(Claim::Stale { providers: now, .. }) => {
                         self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                         self.cache.apply(now.into_iter().flatten());
                     }

@@ -170,7 +170,7 @@ pub async fn for_provider(
 ) -> Result<Json<Value>, ApiError> {
     let p = db::must_get_provider(st.store.as_ref(), &path_uuid(&u)?).await?.value;
     let mut allocs = Map::new();
-    for (c, res) in &p.allocations {
+    for (c, res) in &db::provider_allocations(st.store.as_ref(), &p).await? {
         let mut entry = json!({"resources": res});
         if v.at_least(28) {
             if let Some(rec) = db::get_consumer(st.store.as_ref(), c).await? {
