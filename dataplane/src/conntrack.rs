@@ -5,15 +5,17 @@
 //! direction and the (post-NAT) reply direction, as Linux conntrack does.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use crate::engine::KeyHasher;
 use crate::flow::{ct_state, ethertype, frag, ip_from_bytes, proto, FlowKey};
 use crate::packet::{self, Layout};
 use crate::pipeline::{CtAction, Nat};
 
 /// One direction's 5-tuple in a zone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuple {
     /// Zone.
     pub zone: u16,
@@ -28,6 +30,19 @@ pub struct Tuple {
     /// Destination port (0 for ICMP).
     pub dport: u16,
 }
+
+/// Hashed as five words (consistent with the field-wise `Eq`).
+impl Hash for Tuple {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u64((self.zone as u64) << 48 | (self.proto as u64) << 32 | (self.sport as u64) << 16 | self.dport as u64);
+        for a in [&self.src, &self.dst] {
+            h.write_u64(u64::from_ne_bytes(a[..8].try_into().expect("8 bytes")));
+            h.write_u64(u64::from_ne_bytes(a[8..].try_into().expect("8 bytes")));
+        }
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
 impl Tuple {
     fn reversed(&self) -> Tuple {
@@ -121,8 +136,8 @@ impl Default for Timeouts {
 /// The connection table.
 #[derive(Debug, Default)]
 pub struct Conntrack {
-    conns: HashMap<u64, Connection>,
-    index: HashMap<Tuple, (u64, bool)>,
+    conns: FastMap<u64, Connection>,
+    index: FastMap<Tuple, (u64, bool)>,
     next_id: u64,
     /// Timeouts.
     pub timeouts: Timeouts,

@@ -162,6 +162,44 @@ impl EthPort {
     }
 }
 
+impl EthPort {
+    /// Queues one frame in an mbuf; false when it was dropped.
+    fn queue(&mut self, frame: &[u8]) -> bool {
+        if self.npending == BURST {
+            self.flush();
+            if self.npending == BURST {
+                return false;
+            }
+        }
+        if frame.len() > u16::MAX as usize {
+            return false;
+        }
+        // SAFETY: pool is the EAL's pool; frame is readable for its length.
+        let m = unsafe { dp_mbuf_from(self.pool, frame.as_ptr() as *const c_void, frame.len() as u16) };
+        if m.is_null() {
+            return false;
+        }
+        self.pending[self.npending] = m;
+        self.npending += 1;
+        true
+    }
+
+    /// Hands the queued mbufs to the driver; those it refuses are freed.
+    fn flush(&mut self) {
+        if self.npending == 0 {
+            return;
+        }
+        // SAFETY: pending[..npending] are mbufs we own; DPDK takes those it sends.
+        let sent = unsafe { dp_tx_burst(self.port, self.pending.as_mut_ptr(), self.npending as u16) } as usize;
+        for m in &self.pending[sent..self.npending] {
+            // SAFETY: not taken by the driver, still ours.
+            unsafe { dp_mbuf_free(*m) };
+        }
+        self.npending = 0;
+    }
+
+}
+
 impl BurstPort for EthPort {
     fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
         let want = bufs.len().min(BURST);
@@ -183,37 +221,15 @@ impl BurstPort for EthPort {
         got
     }
 
-    fn send(&mut self, frame: &[u8]) -> bool {
-        if self.npending == BURST {
-            self.flush();
-            if self.npending == BURST {
-                return false;
+    fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+        let mut sent = 0;
+        for f in frames {
+            if self.queue(f) {
+                sent += 1;
             }
         }
-        if frame.len() > u16::MAX as usize {
-            return false;
-        }
-        // SAFETY: pool is the EAL's pool; frame is readable for its length.
-        let m = unsafe { dp_mbuf_from(self.pool, frame.as_ptr() as *const c_void, frame.len() as u16) };
-        if m.is_null() {
-            return false;
-        }
-        self.pending[self.npending] = m;
-        self.npending += 1;
-        true
-    }
-
-    fn flush(&mut self) {
-        if self.npending == 0 {
-            return;
-        }
-        // SAFETY: pending[..npending] are mbufs we own; DPDK takes those it sends.
-        let sent = unsafe { dp_tx_burst(self.port, self.pending.as_mut_ptr(), self.npending as u16) } as usize;
-        for m in &self.pending[sent..self.npending] {
-            // SAFETY: not taken by the driver, still ours.
-            unsafe { dp_mbuf_free(*m) };
-        }
-        self.npending = 0;
+        self.flush();
+        sent
     }
 
     fn fd(&self) -> RawFd {

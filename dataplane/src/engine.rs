@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,13 +26,15 @@ const EMC_SIZE: usize = 8192;
 const MAX_MEGAFLOWS: usize = 200_000;
 const MAX_RECIRC: usize = 6;
 
-/// A hasher for flow keys, whose `Hash` feeds it words (FxHash-style).
+/// A hasher for flow keys and conntrack tuples, whose `Hash` feeds it words
+/// (FxHash-style; not for keys an attacker picks to collide).
 #[derive(Default)]
 pub struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // Fold the well-mixed high half into the low bits hash tables index by.
+        self.0 ^ (self.0 >> 32)
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
@@ -96,19 +98,42 @@ pub struct Counters {
     pub revalidated_kept: AtomicU64,
     /// Megaflows removed by revalidations.
     pub revalidated_removed: AtomicU64,
+    /// TSC cycles workers spent in poll rounds that found packets (as OVS's
+    /// "processing cycles"), receive to transmit included.
+    pub busy_cycles: AtomicU64,
+    /// Packets processed in those rounds.
+    pub busy_packets: AtomicU64,
+    /// Bursts received (non-empty polls of a port).
+    pub bursts: AtomicU64,
 }
 
+/// Conntrack shards: a zone's connections (both directions, NAT included)
+/// live in shard `zone % CT_SHARDS`, so workers on different zones never meet
+/// on a lock, and a worker takes each shard's lock at most once per burst.
+pub const CT_SHARDS: usize = 16;
+
 struct Shared {
-    pipeline: RwLock<(u64, Arc<Pipeline>)>,
+    /// The pipeline, swapped whole (RCU-like): workers compare `pipeline_version`
+    /// once per poll round and take the lock only when it moved.
+    pipeline: RwLock<Arc<Pipeline>>,
+    pipeline_version: AtomicU64,
     recirc: Mutex<RecircTable>,
-    conntrack: Mutex<Conntrack>,
-    ports: RwLock<(u64, Vec<Option<Arc<Port>>>)>,
+    conntrack: Vec<Mutex<Conntrack>>,
+    /// Ports by number - 1, swapped whole like the pipeline.
+    ports: RwLock<Vec<Option<Arc<Port>>>>,
+    ports_version: AtomicU64,
     learned: Mutex<Vec<(u32, Ipv4Addr, MacAddr)>>,
     drops: Mutex<HashMap<&'static str, u64>>,
     megaflow_count: Vec<AtomicU64>,
     stop: AtomicBool,
     counters: Counters,
     start: Instant,
+}
+
+impl Shared {
+    fn ct_shard(&self, zone: u16) -> &Mutex<Conntrack> {
+        &self.conntrack[zone as usize % CT_SHARDS]
+    }
 }
 
 /// Engine settings.
@@ -147,6 +172,12 @@ pub struct EngineStats {
     pub connections: usize,
     /// Megaflows kept / removed by revalidation.
     pub revalidated: (u64, u64),
+    /// TSC cycles spent processing packets (poll rounds that found some).
+    pub busy_cycles: u64,
+    /// Packets those cycles processed.
+    pub busy_packets: u64,
+    /// Non-empty bursts received.
+    pub bursts: u64,
 }
 
 /// The running datapath.
@@ -160,10 +191,12 @@ impl Engine {
     pub fn start(cfg: EngineConfig) -> Engine {
         let n = cfg.workers.max(1);
         let shared = Arc::new(Shared {
-            pipeline: RwLock::new((1, Arc::new(Pipeline::default()))),
+            pipeline: RwLock::new(Arc::new(Pipeline::default())),
+            pipeline_version: AtomicU64::new(1),
             recirc: Mutex::new(RecircTable::default()),
-            conntrack: Mutex::new(Conntrack::new(1_000_000)),
-            ports: RwLock::new((1, Vec::new())),
+            conntrack: (0..CT_SHARDS).map(|_| Mutex::new(Conntrack::new(1_000_000))).collect(),
+            ports: RwLock::new(Vec::new()),
+            ports_version: AtomicU64::new(1),
             learned: Mutex::new(Vec::new()),
             drops: Mutex::new(HashMap::new()),
             megaflow_count: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -199,9 +232,7 @@ impl Engine {
             PortKind::Tap(t) => t.fd(),
         };
         let port = Arc::new(Port { name: name.to_string(), io: Mutex::new(kind), fd, counters: PortCounters::default() });
-        let mut ports = self.shared.ports.write().expect("ports lock");
-        ports.0 += 1;
-        let list = &mut ports.1;
+        let mut list = self.shared.ports.write().expect("ports lock");
         let slot = list.iter().position(Option::is_none);
         let idx = match slot {
             Some(i) => {
@@ -213,28 +244,28 @@ impl Engine {
                 list.len() - 1
             }
         };
+        self.shared.ports_version.fetch_add(1, Ordering::Release);
         idx as u32 + 1
     }
 
     /// Detaches a port.
     pub fn remove_port(&self, no: u32) {
-        let mut ports = self.shared.ports.write().expect("ports lock");
-        ports.0 += 1;
-        if let Some(slot) = ports.1.get_mut(no as usize - 1) {
+        let mut list = self.shared.ports.write().expect("ports lock");
+        if let Some(slot) = list.get_mut(no as usize - 1) {
             *slot = None;
         }
+        self.shared.ports_version.fetch_add(1, Ordering::Release);
     }
 
     /// Installs a new pipeline; workers revalidate their megaflows against it.
     pub fn set_pipeline(&self, p: Pipeline) {
-        let mut cur = self.shared.pipeline.write().expect("pipeline lock");
-        cur.0 += 1;
-        cur.1 = Arc::new(p);
+        *self.shared.pipeline.write().expect("pipeline lock") = Arc::new(p);
+        self.shared.pipeline_version.fetch_add(1, Ordering::Release);
     }
 
     /// The current pipeline.
     pub fn pipeline(&self) -> Arc<Pipeline> {
-        self.shared.pipeline.read().expect("pipeline lock").1.clone()
+        self.shared.pipeline.read().expect("pipeline lock").clone()
     }
 
     /// Neighbours learned since the last call (network, address, MAC).
@@ -252,17 +283,17 @@ impl Engine {
 
     /// Conntrack entries as text.
     pub fn connections(&self) -> Vec<String> {
-        self.shared.conntrack.lock().expect("conntrack lock").connections().map(|c| c.to_string()).collect()
+        self.shared.conntrack.iter().flat_map(|c| c.lock().expect("conntrack lock").connections().map(|c| c.to_string()).collect::<Vec<_>>()).collect()
     }
 
     /// The conntrack state `key` would get in `zone` (for traces; changes nothing).
     pub fn conntrack_peek(&self, key: &FlowKey, zone: u16) -> u8 {
-        self.shared.conntrack.lock().expect("conntrack lock").peek(key, zone)
+        self.shared.ct_shard(zone).lock().expect("conntrack lock").peek(key, zone)
     }
 
     /// Drops connections that `keep` rejects (after a security group change).
-    pub fn retain_connections(&self, keep: impl FnMut(&crate::conntrack::Connection) -> bool) -> usize {
-        self.shared.conntrack.lock().expect("conntrack lock").retain(keep)
+    pub fn retain_connections(&self, mut keep: impl FnMut(&crate::conntrack::Connection) -> bool) -> usize {
+        self.shared.conntrack.iter().map(|c| c.lock().expect("conntrack lock").retain(&mut keep)).sum()
     }
 
     /// Counters.
@@ -290,13 +321,15 @@ impl Engine {
                 .ports
                 .read()
                 .expect("ports lock")
-                .1
                 .iter()
                 .enumerate()
                 .filter_map(|(i, p)| p.as_ref().map(|p| (i as u32 + 1, p.name.clone(), p.counters.rx.load(Ordering::Relaxed), p.counters.tx.load(Ordering::Relaxed), p.counters.tx_dropped.load(Ordering::Relaxed))))
                 .collect(),
-            connections: self.shared.conntrack.lock().expect("conntrack lock").len(),
+            connections: self.shared.conntrack.iter().map(|c| c.lock().expect("conntrack lock").len()).sum(),
             revalidated: (c.revalidated_kept.load(Ordering::Relaxed), c.revalidated_removed.load(Ordering::Relaxed)),
+            busy_cycles: c.busy_cycles.load(Ordering::Relaxed),
+            busy_packets: c.busy_packets.load(Ordering::Relaxed),
+            bursts: c.bursts.load(Ordering::Relaxed),
         }
     }
 }
@@ -316,6 +349,22 @@ fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The time-stamp counter, for cycles-per-packet accounting (OVS's PMD
+/// statistics count the same unit).
+#[inline]
+fn tsc() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: rdtsc has no preconditions; it only reads the time-stamp counter.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
     }
 }
 
@@ -341,7 +390,7 @@ impl Buf {
 struct Megaflow {
     key: FlowKey,
     mask: FlowKey,
-    actions: Arc<[DpAction]>,
+    actions: Box<[DpAction]>,
 }
 
 #[derive(Default)]
@@ -367,7 +416,7 @@ impl MegaflowCache {
             return None;
         }
         let masked = key.masked(&t.mask);
-        let flow = Megaflow { key: masked, mask: t.mask, actions: t.actions.clone().into() };
+        let flow = Megaflow { key: masked, mask: t.mask, actions: t.actions.clone().into_boxed_slice() };
         let idx = match self.free.pop() {
             Some(i) => {
                 self.flows[i] = Some(flow);
@@ -407,7 +456,7 @@ impl MegaflowCache {
                 }
                 any
             };
-            if !extra && *t.actions == *f.actions {
+            if !extra && t.actions[..] == f.actions[..] {
                 kept += 1;
                 continue;
             }
@@ -433,6 +482,77 @@ struct EmcEntry {
     valid: bool,
 }
 
+/// Where the actions of one lookup are: a cached megaflow, or (when the
+/// cache is full) the worker's scratch list.
+#[derive(Clone, Copy)]
+enum ActRef {
+    Flow(u32),
+    Temp,
+}
+
+/// Where a frame to transmit is: a received buffer (its last output goes
+/// without a copy) or a copy taken for an earlier output of the same packet.
+#[derive(Clone, Copy)]
+enum TxSrc {
+    Rx(u16),
+    Copy(u16),
+}
+
+/// One frame staged for transmission at the end of the burst.
+#[derive(Clone, Copy)]
+struct TxEntry {
+    port: u32,
+    src: TxSrc,
+    tunnel: Option<(u32, Ipv4Addr)>,
+}
+
+/// Counters a worker keeps to itself and publishes once per burst.
+#[derive(Default)]
+struct LocalCounters {
+    emc_hits: u64,
+    megaflow_hits: u64,
+    upcalls: u64,
+    parse_errors: [u64; ParseError::COUNT],
+    any_parse_error: bool,
+    drops: Vec<(&'static str, u64)>,
+}
+
+/// Conntrack shard locks held during one burst: each shard is locked at most
+/// once per burst and all are released at its end.
+struct CtLocks<'a> {
+    shards: &'a [Mutex<Conntrack>],
+    held: [Option<MutexGuard<'a, Conntrack>>; CT_SHARDS],
+}
+
+impl<'a> CtLocks<'a> {
+    fn new(shards: &'a [Mutex<Conntrack>]) -> CtLocks<'a> {
+        CtLocks { shards, held: std::array::from_fn(|_| None) }
+    }
+
+    fn get(&mut self, zone: u16) -> &mut Conntrack {
+        let i = zone as usize % CT_SHARDS;
+        if self.held[i].is_none() {
+            let g = match self.shards[i].try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::WouldBlock) => {
+                    // Never wait while holding another shard: a worker holding this
+                    // one could be waiting for ours.
+                    for h in self.held.iter_mut() {
+                        *h = None;
+                    }
+                    self.shards[i].lock().expect("conntrack lock")
+                }
+                Err(TryLockError::Poisoned(e)) => panic!("conntrack lock poisoned: {e}"),
+            };
+            self.held[i] = Some(g);
+        }
+        self.held[i].as_deref_mut().expect("shard locked above")
+    }
+}
+
+/// Most frames handed to a port in one call.
+const TX_CHUNK: usize = 64;
+
 struct Worker {
     id: usize,
     workers: usize,
@@ -445,9 +565,17 @@ struct Worker {
     emc: Vec<EmcEntry>,
     mf: MegaflowCache,
     bufs: Vec<Buf>,
-    scratch: Buf,
     meta: Vec<(u32, Ipv4Addr)>,
-    touched: Vec<u32>,
+    /// Copies for outputs that are not a packet's last; reused every burst.
+    copies: Vec<Buf>,
+    ncopies: usize,
+    /// Frames staged for transmission, sent per port at the end of the burst.
+    tx: Vec<TxEntry>,
+    /// Actions of an upcall the megaflow cache had no room for.
+    temp: Vec<DpAction>,
+    local: LocalCounters,
+    /// Engine clock, read once per burst (conntrack timestamps).
+    now: Duration,
 }
 
 impl Worker {
@@ -464,19 +592,22 @@ impl Worker {
             emc: vec![EmcEntry { hash: 0, key: FlowKey::default(), flow: 0, valid: false }; EMC_SIZE],
             mf: MegaflowCache::default(),
             bufs: (0..BURST).map(|_| Buf::new()).collect(),
-            scratch: Buf::new(),
             meta: vec![(0, Ipv4Addr::UNSPECIFIED); BURST],
-            touched: Vec::with_capacity(64),
+            copies: (0..BURST).map(|_| Buf::new()).collect(),
+            ncopies: 0,
+            tx: Vec::with_capacity(4 * BURST),
+            temp: Vec::new(),
+            local: LocalCounters::default(),
+            now: Duration::ZERO,
         }
     }
 
+    /// Picks up a new pipeline or port list: one atomic load each per round,
+    /// a lock only when it changed.
     fn refresh(&mut self) {
-        let (v, p) = {
-            let g = self.shared.pipeline.read().expect("pipeline lock");
-            (g.0, g.1.clone())
-        };
+        let v = self.shared.pipeline_version.load(Ordering::Acquire);
         if v != self.pipeline_version {
-            self.pipeline = p;
+            self.pipeline = self.shared.pipeline.read().expect("pipeline lock").clone();
             self.pipeline_version = v;
             let (kept, removed) = self.mf.revalidate(&self.pipeline, &mut self.shared.recirc.lock().expect("recirc lock"));
             self.shared.counters.revalidated_kept.fetch_add(kept, Ordering::Relaxed);
@@ -488,40 +619,38 @@ impl Worker {
             }
             self.shared.megaflow_count[self.id].store(self.mf.count as u64, Ordering::Relaxed);
         }
-        let g = self.shared.ports.read().expect("ports lock");
-        if g.0 != self.ports_version {
-            self.ports = g.1.clone();
-            self.ports_version = g.0;
+        let v = self.shared.ports_version.load(Ordering::Acquire);
+        if v != self.ports_version {
+            self.ports = self.shared.ports.read().expect("ports lock").clone();
+            self.ports_version = v;
         }
     }
 
     fn run(mut self) {
         let mut idle = 0u32;
         let mut last_expire = Instant::now();
+        let mut rounds = 0u32;
         while !self.shared.stop.load(Ordering::Relaxed) {
             self.refresh();
             let mut got = 0;
-            for pi in 0..self.ports.len() {
-                if pi % self.workers != self.id {
-                    continue;
+            let mut pi = self.id;
+            while pi < self.ports.len() {
+                let t0 = tsc();
+                let n = self.recv_burst(pi);
+                if n > 0 {
+                    got += n;
+                    self.process_burst(n, pi as u32 + 1);
+                    self.publish(pi, n, tsc().wrapping_sub(t0));
                 }
-                let Some(port) = self.ports[pi].clone() else { continue };
-                let n = self.recv_burst(&port);
-                if n == 0 {
-                    continue;
-                }
-                got += n;
-                port.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
-                self.shared.counters.packets.fetch_add(n as u64, Ordering::Relaxed);
-                for i in 0..n {
-                    self.process(i, pi as u32 + 1);
-                }
-                self.flush();
+                pi += self.workers;
             }
-            if self.id == 0 && last_expire.elapsed() > Duration::from_secs(1) {
+            rounds = rounds.wrapping_add(1);
+            if self.id == 0 && rounds % 4096 == 0 && last_expire.elapsed() > Duration::from_secs(1) {
                 last_expire = Instant::now();
                 let now = self.shared.start.elapsed();
-                self.shared.conntrack.lock().expect("conntrack lock").expire(now);
+                for shard in &self.shared.conntrack {
+                    shard.lock().expect("conntrack lock").expire(now);
+                }
             }
             if got == 0 {
                 idle += 1;
@@ -541,6 +670,7 @@ impl Worker {
             .enumerate()
             .filter(|(i, p)| i % self.workers == self.id && p.is_some())
             .filter_map(|(_, p)| p.as_ref().map(|p| libc::pollfd { fd: p.fd, events: libc::POLLIN, revents: 0 }))
+            .filter(|p| p.fd >= 0)
             .collect();
         if fds.is_empty() {
             std::thread::sleep(Duration::from_millis(10));
@@ -550,119 +680,237 @@ impl Worker {
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
     }
 
-    /// Receives a burst from a port with its own rings straight into the worker's buffers.
-    fn recv_burst_ring(p: &mut dyn crate::ports::BurstPort, bufs: &mut [Buf], meta: &mut [(u32, Ipv4Addr)]) -> usize {
-        let mut lens = [0usize; BURST];
-        let n = {
-            let mut it = bufs.iter_mut();
-            let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
-                let b = it.next().expect("BURST buffers");
-                b.start = HEADROOM;
-                &mut b.data[HEADROOM..]
-            });
-            p.recv_burst(&mut slices, &mut lens)
-        };
-        for i in 0..n {
-            bufs[i].len = lens[i];
-            meta[i] = (0, Ipv4Addr::UNSPECIFIED);
-        }
-        n
-    }
-
-    fn recv_burst(&mut self, port: &Port) -> usize {
+    /// Receives one burst from port index `pi` into the worker's buffers,
+    /// holding the port's lock once for the whole burst.
+    fn recv_burst(&mut self, pi: usize) -> usize {
+        let Some(port) = self.ports[pi].as_ref() else { return 0 };
         let mut io = port.io.lock().expect("port lock");
-        if let PortKind::Burst(p) = &mut *io {
-            return Self::recv_burst_ring(&mut **p, &mut self.bufs, &mut self.meta);
+        let bufs = &mut self.bufs;
+        let meta = &mut self.meta;
+        match &mut *io {
+            PortKind::Burst(p) => {
+                let mut lens = [0usize; BURST];
+                let n = {
+                    let mut it = bufs.iter_mut();
+                    let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
+                        let b = it.next().expect("BURST buffers");
+                        b.start = HEADROOM;
+                        &mut b.data[HEADROOM..]
+                    });
+                    p.recv_burst(&mut slices, &mut lens)
+                };
+                for i in 0..n {
+                    bufs[i].len = lens[i];
+                    meta[i] = (0, Ipv4Addr::UNSPECIFIED);
+                }
+                n
+            }
+            PortKind::Tunnel(t) => {
+                let mut m = [(0usize, 0u32, Ipv4Addr::UNSPECIFIED); BURST];
+                let n = {
+                    let mut it = bufs.iter_mut();
+                    let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
+                        let b = it.next().expect("BURST buffers");
+                        b.start = HEADROOM;
+                        &mut b.data[HEADROOM..]
+                    });
+                    t.recv_burst(&mut slices, &mut m)
+                };
+                for i in 0..n {
+                    bufs[i].len = m[i].0;
+                    meta[i] = (m[i].1, m[i].2);
+                }
+                n
+            }
+            io => {
+                let mut n = 0;
+                while n < BURST {
+                    let b = &mut bufs[n];
+                    b.start = HEADROOM;
+                    let got = match io {
+                        PortKind::AfPacket(p) => p.recv(&mut b.data[HEADROOM..]),
+                        PortKind::Tap(t) => t.recv(&mut b.data[HEADROOM..]),
+                        _ => None,
+                    };
+                    let Some(len) = got else { break };
+                    b.len = len;
+                    meta[n] = (0, Ipv4Addr::UNSPECIFIED);
+                    n += 1;
+                }
+                n
+            }
         }
-        let mut n = 0;
-        while n < BURST {
-            let b = &mut self.bufs[n];
-            b.start = HEADROOM;
-            let got = match &mut *io {
-                PortKind::AfPacket(p) => p.recv(&mut b.data[HEADROOM..]).map(|l| (l, 0, Ipv4Addr::UNSPECIFIED)),
-                PortKind::Tunnel(t) => t.recv(&mut b.data[HEADROOM..]),
-                PortKind::Burst(_) => None,
-                PortKind::Tap(t) => t.recv(&mut b.data[HEADROOM..]).map(|l| (l, 0, Ipv4Addr::UNSPECIFIED)),
-            };
-            let Some((len, vni, remote)) = got else { break };
-            b.len = len;
-            self.meta[n] = (vni, remote);
-            n += 1;
-        }
-        n
     }
 
-    fn drop(&self, why: &'static str) {
-        *self.shared.drops.lock().expect("drops lock").entry(why).or_insert(0) += 1;
+    /// Classifies and executes a received burst, then transmits what it
+    /// produced, grouped by output port.
+    fn process_burst(&mut self, n: usize, in_port: u32) {
+        let shared = Arc::clone(&self.shared);
+        self.now = shared.start.elapsed();
+        {
+            let mut ct = CtLocks::new(&shared.conntrack);
+            for i in 0..n {
+                self.process(i, in_port, &mut ct);
+            }
+        }
+        self.transmit();
     }
 
-    fn lookup(&mut self, key: &FlowKey) -> Option<Arc<[DpAction]>> {
+    /// Publishes the burst's counters: a handful of atomic adds per burst.
+    fn publish(&mut self, pi: usize, n: usize, cycles: u64) {
+        let c = &self.shared.counters;
+        c.packets.fetch_add(n as u64, Ordering::Relaxed);
+        c.busy_packets.fetch_add(n as u64, Ordering::Relaxed);
+        c.busy_cycles.fetch_add(cycles, Ordering::Relaxed);
+        c.bursts.fetch_add(1, Ordering::Relaxed);
+        if let Some(Some(p)) = self.ports.get(pi) {
+            p.counters.rx.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        let l = &mut self.local;
+        for (counter, v) in [(&c.emc_hits, &mut l.emc_hits), (&c.megaflow_hits, &mut l.megaflow_hits), (&c.upcalls, &mut l.upcalls)] {
+            if *v > 0 {
+                counter.fetch_add(*v, Ordering::Relaxed);
+                *v = 0;
+            }
+        }
+        if l.any_parse_error {
+            for (i, v) in l.parse_errors.iter_mut().enumerate() {
+                if *v > 0 {
+                    c.parse_errors[i].fetch_add(*v, Ordering::Relaxed);
+                    *v = 0;
+                }
+            }
+            l.any_parse_error = false;
+        }
+        if !l.drops.is_empty() {
+            let mut d = self.shared.drops.lock().expect("drops lock");
+            for (why, v) in l.drops.drain(..) {
+                *d.entry(why).or_insert(0) += v;
+            }
+        }
+    }
+
+    fn drop(&mut self, why: &'static str) {
+        match self.local.drops.iter_mut().find(|(w, _)| std::ptr::eq(*w, why) || *w == why) {
+            Some((_, v)) => *v += 1,
+            None => self.local.drops.push((why, 1)),
+        }
+    }
+
+    fn lookup(&mut self, key: &FlowKey) -> ActRef {
         let h = key.hash();
         let slot = (h as usize) & (EMC_SIZE - 1);
         let e = &self.emc[slot];
         if e.valid && e.hash == h && e.key == *key {
-            if let Some(Some(f)) = self.mf.flows.get(e.flow as usize) {
-                self.shared.counters.emc_hits.fetch_add(1, Ordering::Relaxed);
-                return Some(f.actions.clone());
+            if let Some(Some(_)) = self.mf.flows.get(e.flow as usize) {
+                self.local.emc_hits += 1;
+                return ActRef::Flow(e.flow);
             }
         }
         let idx = match self.mf.lookup(key) {
             Some(i) => {
-                self.shared.counters.megaflow_hits.fetch_add(1, Ordering::Relaxed);
+                self.local.megaflow_hits += 1;
                 i
             }
             None => {
-                self.shared.counters.upcalls.fetch_add(1, Ordering::Relaxed);
+                self.local.upcalls += 1;
                 let t = self.pipeline.translate(key, &mut self.shared.recirc.lock().expect("recirc lock"), None);
                 match self.mf.insert(key, &t) {
                     Some(i) => {
                         self.shared.megaflow_count[self.id].store(self.mf.count as u64, Ordering::Relaxed);
                         i
                     }
-                    None => return Some(t.actions.into()),
+                    None => {
+                        self.temp.clear();
+                        self.temp.extend_from_slice(&t.actions);
+                        return ActRef::Temp;
+                    }
                 }
             }
         };
         self.emc[slot] = EmcEntry { hash: h, key: *key, flow: idx as u32, valid: true };
-        self.mf.flows[idx].as_ref().map(|f| f.actions.clone())
+        ActRef::Flow(idx as u32)
     }
 
-    fn process(&mut self, i: usize, in_port: u32) {
-        let mut buf = std::mem::replace(&mut self.bufs[i], Buf { data: Box::new([]), start: 0, len: 0 });
+    #[inline]
+    fn actions_len(&self, r: ActRef) -> usize {
+        match r {
+            ActRef::Flow(i) => self.mf.flows[i as usize].as_ref().map_or(0, |f| f.actions.len()),
+            ActRef::Temp => self.temp.len(),
+        }
+    }
+
+    #[inline]
+    fn action(&self, r: ActRef, j: usize) -> DpAction {
+        match r {
+            ActRef::Flow(i) => self.mf.flows[i as usize].as_ref().map_or(DpAction::Drop("flow removed"), |f| f.actions[j]),
+            ActRef::Temp => self.temp[j],
+        }
+    }
+
+    fn process(&mut self, i: usize, in_port: u32, ct: &mut CtLocks<'_>) {
         let (vni, remote) = self.meta[i];
         let mut key = FlowKey { in_port, tun_id: vni, tun_src: remote.octets(), ..Default::default() };
-        match packet::parse(buf.frame(), &mut key) {
-            Ok(layout) => self.execute(&mut buf, key, layout),
+        match packet::parse(self.bufs[i].frame(), &mut key) {
+            Ok(layout) => self.execute(i, key, layout, ct),
             Err(e) => {
-                self.shared.counters.parse_errors[e.index()].fetch_add(1, Ordering::Relaxed);
+                self.local.parse_errors[e.index()] += 1;
+                self.local.any_parse_error = true;
             }
         }
-        self.bufs[i] = buf;
     }
 
-    fn execute(&mut self, buf: &mut Buf, mut key: FlowKey, mut layout: Layout) {
+    /// A free copy buffer (the pool grows to the largest burst seen, then stays).
+    fn copy_slot(&mut self) -> usize {
+        if self.ncopies == self.copies.len() {
+            self.copies.push(Buf::new());
+        }
+        self.ncopies += 1;
+        self.ncopies - 1
+    }
+
+    /// Stages packet `i` for output: its own buffer when this is its last
+    /// action, otherwise a copy of the frame as it is now.
+    fn stage(&mut self, i: usize, port: u32, tunnel: Option<(u32, Ipv4Addr)>, last: bool) {
+        let src = if last {
+            TxSrc::Rx(i as u16)
+        } else {
+            let c = self.copy_slot();
+            let (b, dst) = (&self.bufs[i], &mut self.copies[c]);
+            dst.start = HEADROOM;
+            dst.len = b.len;
+            dst.data[HEADROOM..HEADROOM + b.len].copy_from_slice(b.frame());
+            TxSrc::Copy(c as u16)
+        };
+        self.tx.push(TxEntry { port, src, tunnel });
+    }
+
+    fn execute(&mut self, i: usize, mut key: FlowKey, mut layout: Layout, ct: &mut CtLocks<'_>) {
         let in_port = key.in_port;
         'passes: for _ in 0..MAX_RECIRC {
-            let Some(actions) = self.lookup(&key) else { return };
-            for a in actions.iter() {
-                match a {
-                    DpAction::SetEthSrc(m) => packet::set_eth_src(buf.frame_mut(), *m),
-                    DpAction::SetEthDst(m) => packet::set_eth_dst(buf.frame_mut(), *m),
+            let r = self.lookup(&key);
+            let n = self.actions_len(r);
+            for j in 0..n {
+                let last = j + 1 == n;
+                match self.action(r, j) {
+                    DpAction::SetEthSrc(m) => packet::set_eth_src(self.bufs[i].frame_mut(), m),
+                    DpAction::SetEthDst(m) => packet::set_eth_dst(self.bufs[i].frame_mut(), m),
                     DpAction::SetIpSrc(ip) => {
-                        packet::set_ip(buf.frame_mut(), &layout, &key, false, ip);
-                        key.ip_src = *ip;
+                        packet::set_ip(self.bufs[i].frame_mut(), &layout, &key, false, &ip);
+                        key.ip_src = ip;
                     }
                     DpAction::SetIpDst(ip) => {
-                        packet::set_ip(buf.frame_mut(), &layout, &key, true, ip);
-                        key.ip_dst = *ip;
+                        packet::set_ip(self.bufs[i].frame_mut(), &layout, &key, true, &ip);
+                        key.ip_dst = ip;
                     }
                     DpAction::DecTtl => {
-                        if !packet::dec_ttl(buf.frame_mut(), &layout, &key) {
+                        if !packet::dec_ttl(self.bufs[i].frame_mut(), &layout, &key) {
                             self.drop("TTL expired");
                             return;
                         }
                     }
                     DpAction::PopVlan => {
+                        let buf = &mut self.bufs[i];
                         if key.vlan_tci != 0 && buf.len >= 18 {
                             let s = buf.start;
                             buf.data.copy_within(s..s + 12, s + 4);
@@ -675,6 +923,7 @@ impl Worker {
                         }
                     }
                     DpAction::PushVlan(v) => {
+                        let buf = &mut self.bufs[i];
                         if buf.start >= 4 {
                             let s = buf.start;
                             buf.data.copy_within(s..s + 12, s - 4);
@@ -694,51 +943,53 @@ impl Worker {
                         }
                     }
                     DpAction::Output(p) => {
-                        if *p != in_port {
-                            self.send(*p, buf.frame(), None);
+                        if p != in_port {
+                            self.stage(i, p, None, last);
                         }
                     }
-                    DpAction::OutputInPort => self.send(in_port, buf.frame(), None),
+                    DpAction::OutputInPort => self.stage(i, in_port, None, last),
                     DpAction::Tunnel { port, vni, remote } => {
-                        if *port != in_port {
-                            self.send(*port, buf.frame(), Some((*vni, *remote)));
+                        if port != in_port {
+                            self.stage(i, port, Some((vni, remote)), last);
                         }
                     }
-                    DpAction::Ct(ct, recirc) => {
-                        let now = self.shared.start.elapsed();
-                        let s = buf.start;
-                        let l = buf.len;
-                        self.shared.conntrack.lock().expect("conntrack lock").process(&mut buf.data[s..s + l], &layout, &mut key, ct, now);
-                        if *recirc != 0 {
-                            key.recirc_id = *recirc;
-                            match packet::parse(buf.frame(), &mut key) {
+                    DpAction::Ct(c, recirc) => {
+                        let buf = &mut self.bufs[i];
+                        let (s, l) = (buf.start, buf.len);
+                        ct.get(c.zone).process(&mut buf.data[s..s + l], &layout, &mut key, &c, self.now);
+                        if recirc != 0 {
+                            key.recirc_id = recirc;
+                            match packet::parse(self.bufs[i].frame(), &mut key) {
                                 Ok(l) => layout = l,
                                 Err(_) => return,
                             }
                             continue 'passes;
                         }
                     }
-                    DpAction::ArpReply(m) => packet::make_arp_reply(buf.frame_mut(), &layout, *m),
-                    DpAction::EchoReply(m) => packet::make_echo_reply(buf.frame_mut(), &layout, &key, *m),
+                    DpAction::ArpReply(m) => packet::make_arp_reply(self.bufs[i].frame_mut(), &layout, m),
+                    DpAction::EchoReply(m) => packet::make_echo_reply(self.bufs[i].frame_mut(), &layout, &key, m),
                     DpAction::NdAdvert(m) => {
-                        let n = packet::write_neighbor_advert(&mut buf.data[HEADROOM..], &key, *m);
+                        let buf = &mut self.bufs[i];
+                        let n = packet::write_neighbor_advert(&mut buf.data[HEADROOM..], &key, m);
                         buf.start = HEADROOM;
                         buf.len = n;
                     }
                     DpAction::RouterAdvert(idx) => {
-                        let Some(ra) = self.pipeline.ra.get(*idx as usize) else { return };
+                        let Some(ra) = self.pipeline.ra.get(idx as usize) else { return };
                         let (dst, eth_dst) = if key.ip_src == [0; 16] {
                             let all = std::net::Ipv6Addr::from([0xff02, 0, 0, 0, 0, 0, 0, 1]);
                             (all.octets(), MacAddr::ipv6_multicast(&all))
                         } else {
                             (key.ip_src, key.eth_src())
                         };
+                        let buf = &mut self.bufs[i];
                         let n = packet::write_router_advert(&mut buf.data[HEADROOM..], ra.mac, eth_dst, &dst, &ra.prefix, ra.mtu, ra.autonomous);
                         buf.start = HEADROOM;
                         buf.len = n;
                     }
                     DpAction::DhcpReply(idx) => {
-                        let Some(cfg) = self.pipeline.dhcp.get(*idx as usize) else { return };
+                        let Some(cfg) = self.pipeline.dhcp.get(idx as usize) else { return };
+                        let buf = &mut self.bufs[i];
                         // Move the request to the buffer's start so the answer has room.
                         let (s, l) = (buf.start, buf.len);
                         buf.data.copy_within(s..s + l, 0);
@@ -752,15 +1003,15 @@ impl Worker {
                         }
                     }
                     DpAction::ArpResolve { port, vlan, net: _, target } => {
-                        let f = buf.frame();
+                        let f = self.bufs[i].frame();
                         let mac = MacAddr(f[6..12].try_into().unwrap_or([0; 6]));
                         let spa = key.ip_src[12..16].try_into().unwrap_or([0; 4]);
-                        let n = packet::write_arp_request(&mut self.scratch.data[HEADROOM..], mac, spa, *target, if *vlan != 0 { *vlan | 0x1000 } else { 0 });
-                        self.scratch.start = HEADROOM;
-                        self.scratch.len = n;
-                        let data = std::mem::replace(&mut self.scratch, Buf { data: Box::new([]), start: 0, len: 0 });
-                        self.send(*port, data.frame(), None);
-                        self.scratch = data;
+                        let c = self.copy_slot();
+                        let out = &mut self.copies[c];
+                        let n = packet::write_arp_request(&mut out.data[HEADROOM..], mac, spa, target, if vlan != 0 { vlan | 0x1000 } else { 0 });
+                        out.start = HEADROOM;
+                        out.len = n;
+                        self.tx.push(TxEntry { port, src: TxSrc::Copy(c as u16), tunnel: None });
                         self.drop("waiting for ARP resolution");
                         return;
                     }
@@ -768,7 +1019,7 @@ impl Worker {
                         let ip = key.src_v4();
                         let mac = MacAddr(key.arp_sha);
                         if !ip.is_unspecified() && !mac.is_multicast() {
-                            self.shared.learned.lock().expect("learned lock").push((*net, ip, mac));
+                            self.shared.learned.lock().expect("learned lock").push((net, ip, mac));
                         }
                     }
                     DpAction::Drop(why) => {
@@ -782,39 +1033,102 @@ impl Worker {
         self.drop("too many recirculations");
     }
 
-    fn send(&mut self, port: u32, frame: &[u8], tunnel: Option<(u32, Ipv4Addr)>) {
-        let Some(Some(p)) = self.ports.get(port as usize - 1) else {
-            self.drop("output to a missing port");
-            return;
-        };
-        let ok = match (&mut *p.io.lock().expect("port lock"), tunnel) {
-            (PortKind::AfPacket(a), None) => a.send(frame),
-            (PortKind::Tunnel(t), Some((vni, remote))) => t.send(frame, vni, remote),
-            (PortKind::Burst(b), None) => b.send(frame),
-            (PortKind::Tap(t), None) => t.send(frame),
-            _ => false,
-        };
-        if ok {
-            p.counters.tx.fetch_add(1, Ordering::Relaxed);
-            if !self.touched.contains(&port) {
-                self.touched.push(port);
+    /// Sends what the burst staged: per output port one lock, one burst call
+    /// (one ring publish and at most one notification), one counter update.
+    fn transmit(&mut self) {
+        let mut k = 0;
+        while k < self.tx.len() {
+            let port = self.tx[k].port;
+            if !self.tx[..k].iter().any(|e| e.port == port) {
+                self.send_port(port, k);
             }
-        } else {
-            p.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            k += 1;
         }
+        self.tx.clear();
+        self.ncopies = 0;
     }
 
-    fn flush(&mut self) {
-        for i in 0..self.touched.len() {
-            let port = self.touched[i];
-            if let Some(Some(p)) = self.ports.get(port as usize - 1) {
-                match &mut *p.io.lock().expect("port lock") {
-                    PortKind::AfPacket(a) => a.flush(),
-                    PortKind::Burst(b) => b.flush(),
-                    _ => {}
+    fn send_port(&mut self, port: u32, first: usize) {
+        let entries = self.tx[first..].iter().filter(|e| e.port == port);
+        let Some(Some(p)) = self.ports.get((port as usize).wrapping_sub(1)) else {
+            let n = entries.count() as u64;
+            match self.local.drops.iter_mut().find(|(w, _)| *w == "output to a missing port") {
+                Some((_, v)) => *v += n,
+                None => self.local.drops.push(("output to a missing port", n)),
+            }
+            return;
+        };
+        let (bufs, copies) = (&self.bufs, &self.copies);
+        let frame = |e: &TxEntry| -> &[u8] {
+            match e.src {
+                TxSrc::Rx(i) => bufs[i as usize].frame(),
+                TxSrc::Copy(c) => copies[c as usize].frame(),
+            }
+        };
+        let (mut total, mut sent) = (0usize, 0usize);
+        {
+            let mut io = p.io.lock().expect("port lock");
+            match &mut *io {
+                PortKind::Burst(b) => {
+                    let mut frames: [&[u8]; TX_CHUNK] = [&[]; TX_CHUNK];
+                    let mut m = 0;
+                    for e in entries {
+                        total += 1;
+                        if e.tunnel.is_some() {
+                            continue;
+                        }
+                        frames[m] = frame(e);
+                        m += 1;
+                        if m == TX_CHUNK {
+                            sent += b.send_burst(&frames[..m]);
+                            m = 0;
+                        }
+                    }
+                    if m > 0 {
+                        sent += b.send_burst(&frames[..m]);
+                    }
+                }
+                PortKind::Tunnel(t) => {
+                    let mut frames: [(&[u8], u32, Ipv4Addr); TX_CHUNK] = [(&[], 0, Ipv4Addr::UNSPECIFIED); TX_CHUNK];
+                    let mut m = 0;
+                    for e in entries {
+                        total += 1;
+                        let Some((vni, remote)) = e.tunnel else { continue };
+                        frames[m] = (frame(e), vni, remote);
+                        m += 1;
+                        if m == TX_CHUNK {
+                            sent += t.send_burst(&frames[..m]);
+                            m = 0;
+                        }
+                    }
+                    if m > 0 {
+                        sent += t.send_burst(&frames[..m]);
+                    }
+                }
+                PortKind::AfPacket(a) => {
+                    for e in entries {
+                        total += 1;
+                        if e.tunnel.is_none() && a.send(frame(e)) {
+                            sent += 1;
+                        }
+                    }
+                    a.flush();
+                }
+                PortKind::Tap(t) => {
+                    for e in entries {
+                        total += 1;
+                        if e.tunnel.is_none() && t.send(frame(e)) {
+                            sent += 1;
+                        }
+                    }
                 }
             }
         }
-        self.touched.clear();
+        if sent > 0 {
+            p.counters.tx.fetch_add(sent as u64, Ordering::Relaxed);
+        }
+        if total > sent {
+            p.counters.tx_dropped.fetch_add((total - sent) as u64, Ordering::Relaxed);
+        }
     }
 }

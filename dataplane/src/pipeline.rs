@@ -291,7 +291,9 @@ pub struct Pipeline {
 }
 
 /// A datapath action: what the engine does to a packet, after translation.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Plain data (`Copy`), so a worker reads it out of its cache without a
+/// reference count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DpAction {
     /// Rewrite the Ethernet source.
     SetEthSrc(MacAddr),

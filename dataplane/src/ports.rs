@@ -18,13 +18,16 @@ pub trait BurstPort: Send {
     /// Receives up to `bufs.len()` frames: frame i is copied into `bufs[i]`
     /// and its length stored in `lens[i]`. Returns how many were received.
     fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize;
-    /// Queues one frame for transmission; false when it was dropped (no room).
-    fn send(&mut self, frame: &[u8]) -> bool;
-    /// Completes what was queued since the last flush (publish, notify the peer).
-    fn flush(&mut self);
+    /// Transmits a burst: the frames go onto the port's ring in order, are
+    /// published together and the peer is notified at most once. Returns how
+    /// many were queued; the rest were dropped (no room).
+    fn send_burst(&mut self, frames: &[&[u8]]) -> usize;
     /// A descriptor that turns readable when frames may be waiting (for poll(2)), or -1.
     fn fd(&self) -> RawFd;
 }
+
+/// Most datagrams the VXLAN port moves per system call.
+pub const TUNNEL_BATCH: usize = 64;
 
 /// Errors opening or using a port.
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +293,6 @@ fn open_packet_socket(ifname: &str) -> Result<OwnedFd, PortError> {
 /// The VXLAN tunnel port: a UDP socket on the underlay address.
 pub struct Tunnel {
     sock: std::net::UdpSocket,
-    buf: Vec<u8>,
 }
 
 impl Tunnel {
@@ -298,41 +300,98 @@ impl Tunnel {
     pub fn open(local: Ipv4Addr, netns: Option<&Path>) -> Result<Tunnel, PortError> {
         let sock = in_netns(netns, move || std::net::UdpSocket::bind(SocketAddrV4::new(local, VXLAN_PORT)).map_err(|source| PortError::Sys { what: "bind of VXLAN socket", source }))?;
         sock.set_nonblocking(true).map_err(|source| PortError::Sys { what: "set_nonblocking", source })?;
-        Ok(Tunnel { sock, buf: vec![0u8; 65536] })
+        // Room for bursts: a batch of sendmmsg must not find the socket buffer full.
+        let size: libc::c_int = 8 << 20;
+        let _ = setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, &size, "SO_SNDBUF");
+        let _ = setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, &size, "SO_RCVBUF");
+        Ok(Tunnel { sock })
     }
 
-    /// Receives one VXLAN packet: inner frame copied to `out`, returns (len, vni, remote).
-    pub fn recv(&mut self, out: &mut [u8]) -> Option<(usize, u32, Ipv4Addr)> {
-        loop {
-            let (n, from) = match self.sock.recv_from(&mut self.buf) {
-                Ok(x) => x,
-                Err(_) => return None,
-            };
-            let Some(vni) = parse_vxlan(&self.buf[..n]) else { continue };
-            let inner = &self.buf[VXLAN_HEADER_LEN..n];
-            if inner.len() > out.len() {
+    /// Receives up to `bufs.len()` VXLAN packets with one `recvmmsg`: the
+    /// inner frame of packet i lands in `bufs[i]` (the VXLAN header goes to a
+    /// scratch array, not copied), `meta[i]` is (length, VNI, remote).
+    /// Datagrams that are not VXLAN or were truncated are skipped.
+    pub fn recv_burst(&mut self, bufs: &mut [&mut [u8]], meta: &mut [(usize, u32, Ipv4Addr)]) -> usize {
+        let n = bufs.len().min(meta.len()).min(TUNNEL_BATCH);
+        if n == 0 {
+            return 0;
+        }
+        let mut hdrs = [[0u8; VXLAN_HEADER_LEN]; TUNNEL_BATCH];
+        // SAFETY: sockaddr_in, iovec and mmsghdr are plain data; zeroed is a valid value for each.
+        let mut addrs: [libc::sockaddr_in; TUNNEL_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut iovs: [[libc::iovec; 2]; TUNNEL_BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; TUNNEL_BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            iovs[i][0] = libc::iovec { iov_base: hdrs[i].as_mut_ptr() as *mut libc::c_void, iov_len: VXLAN_HEADER_LEN };
+            iovs[i][1] = libc::iovec { iov_base: bufs[i].as_mut_ptr() as *mut libc::c_void, iov_len: bufs[i].len() };
+            let h = &mut msgs[i].msg_hdr;
+            h.msg_name = &mut addrs[i] as *mut libc::sockaddr_in as *mut libc::c_void;
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_iov = iovs[i].as_mut_ptr();
+            h.msg_iovlen = 2;
+        }
+        // SAFETY: msgs[..n] point at iovecs, addresses and buffers that outlive the call,
+        // each of the length given.
+        let got = unsafe { libc::recvmmsg(self.sock.as_raw_fd(), msgs.as_mut_ptr(), n as u32, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+        if got <= 0 {
+            return 0;
+        }
+        let mut out = 0;
+        for i in 0..got as usize {
+            let len = msgs[i].msg_len as usize;
+            let truncated = msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            let Some(vni) = parse_vxlan(&hdrs[i]) else { continue };
+            if truncated || len < VXLAN_HEADER_LEN || addrs[i].sin_family != libc::AF_INET as u16 {
                 continue;
             }
-            out[..inner.len()].copy_from_slice(inner);
-            let std::net::SocketAddr::V4(from) = from else { continue };
-            return Some((inner.len(), vni, *from.ip()));
+            if out != i {
+                // Keep the burst dense: move this frame down into slot `out`.
+                let (lo, hi) = bufs.split_at_mut(i);
+                lo[out][..len - VXLAN_HEADER_LEN].copy_from_slice(&hi[0][..len - VXLAN_HEADER_LEN]);
+            }
+            meta[out] = (len - VXLAN_HEADER_LEN, vni, Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr)));
+            out += 1;
         }
+        out
     }
 
-    /// Sends `frame` to `remote` with `vni`.
-    pub fn send(&mut self, frame: &[u8], vni: u32, remote: Ipv4Addr) -> bool {
-        let mut hdr = [0u8; VXLAN_HEADER_LEN];
-        write_vxlan(&mut hdr, vni);
-        let iov = [libc::iovec { iov_base: hdr.as_ptr() as *mut libc::c_void, iov_len: hdr.len() }, libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() }];
-        let dst = libc::sockaddr_in { sin_family: libc::AF_INET as u16, sin_port: VXLAN_PORT.to_be(), sin_addr: libc::in_addr { s_addr: u32::from(remote).to_be() }, sin_zero: [0; 8] };
-        // SAFETY: msghdr is plain data; zeroed is valid, then pointed at live iovecs and address.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = &dst as *const libc::sockaddr_in as *mut libc::c_void;
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = 2;
-        // SAFETY: all pointers in msg refer to locals that outlive the call.
-        unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, libc::MSG_DONTWAIT) >= 0 }
+    /// Sends a burst of frames, each to its (VNI, remote), with `sendmmsg`
+    /// (one system call per [`TUNNEL_BATCH`] frames). Returns how many the kernel took.
+    pub fn send_burst(&mut self, frames: &[(&[u8], u32, Ipv4Addr)]) -> usize {
+        let mut sent = 0;
+        for chunk in frames.chunks(TUNNEL_BATCH) {
+            let mut hdrs = [[0u8; VXLAN_HEADER_LEN]; TUNNEL_BATCH];
+            // SAFETY: sockaddr_in, iovec and mmsghdr are plain data; zeroed is a valid value for each.
+            let mut addrs: [libc::sockaddr_in; TUNNEL_BATCH] = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let mut iovs: [[libc::iovec; 2]; TUNNEL_BATCH] = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let mut msgs: [libc::mmsghdr; TUNNEL_BATCH] = unsafe { std::mem::zeroed() };
+            for (i, (frame, vni, remote)) in chunk.iter().enumerate() {
+                write_vxlan(&mut hdrs[i], *vni);
+                addrs[i] = libc::sockaddr_in { sin_family: libc::AF_INET as u16, sin_port: VXLAN_PORT.to_be(), sin_addr: libc::in_addr { s_addr: u32::from(*remote).to_be() }, sin_zero: [0; 8] };
+                iovs[i][0] = libc::iovec { iov_base: hdrs[i].as_mut_ptr() as *mut libc::c_void, iov_len: VXLAN_HEADER_LEN };
+                iovs[i][1] = libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() };
+                let h = &mut msgs[i].msg_hdr;
+                h.msg_name = &mut addrs[i] as *mut libc::sockaddr_in as *mut libc::c_void;
+                h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                h.msg_iov = iovs[i].as_mut_ptr();
+                h.msg_iovlen = 2;
+            }
+            // SAFETY: msgs[..chunk.len()] point at headers, addresses and frames that outlive
+            // the call; the kernel only reads the iovecs of a send.
+            let n = unsafe { libc::sendmmsg(self.sock.as_raw_fd(), msgs.as_mut_ptr(), chunk.len() as u32, libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                break;
+            }
+            sent += n as usize;
+            if (n as usize) < chunk.len() {
+                break;
+            }
+        }
+        sent
     }
 
     /// The socket, for poll().

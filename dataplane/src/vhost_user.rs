@@ -17,15 +17,15 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringMutex, VringStateGuard, VringStateMutGuard, VringT};
-use virtio_queue::{DescriptorChain, Error as QueueError, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{Error as QueueError, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -126,6 +126,8 @@ struct Shared {
     stop: AtomicBool,
     shutdown: Mutex<Option<ShutdownHandle>>,
     acked_features: AtomicU64,
+    /// Bumped whenever the guest sends a memory table, after it is in place.
+    mem_generation: AtomicU64,
     counters: VhostUserCounters,
 }
 
@@ -280,8 +282,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, _mem: Mem) -> io::Result<()> {
-        // The handler replaces the mapping inside the GuestMemoryAtomic the port
-        // already holds; workers see it at their next burst.
+        // The handler has replaced the mapping inside the GuestMemoryAtomic the
+        // port already holds; the worker re-translates its regions at its next burst.
+        self.shared.mem_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -318,9 +321,14 @@ pub struct VhostUserPort {
     kicks_on: [bool; MAX_QUEUE_PAIRS as usize],
     /// Per transmit vring: since when it has been found empty (kicks still off).
     empty_since: [Option<std::time::Instant>; MAX_QUEUE_PAIRS as usize],
-    /// Receive vrings with used entries not yet signalled, as a bit set.
-    tx_pending: u32,
+    /// The guest's memory as host pointers.
+    map: GuestMap,
 }
+
+// SAFETY: the raw pointers in `map` point into guest memory mappings that `map`
+// keeps alive (an Arc of the mapping); the port is used by one thread at a time
+// (the engine holds it behind a mutex).
+unsafe impl Send for VhostUserPort {}
 
 impl VhostUserPort {
     /// Creates the server socket (replacing a stale file) and starts accepting
@@ -344,6 +352,7 @@ impl VhostUserPort {
             stop: AtomicBool::new(false),
             shutdown: Mutex::new(None),
             acked_features: AtomicU64::new(0),
+            mem_generation: AtomicU64::new(0),
             counters: VhostUserCounters::default(),
         });
         let acceptor = {
@@ -363,7 +372,7 @@ impl VhostUserPort {
             rx_cursor: 0,
             kicks_on: [true; MAX_QUEUE_PAIRS as usize],
             empty_since: [None; MAX_QUEUE_PAIRS as usize],
-            tx_pending: 0,
+            map: GuestMap::default(),
         })
     }
 
@@ -404,30 +413,12 @@ impl VhostUserPort {
         self.pairs = self.conn.as_ref().map(|c| c.vrings.len() / 2).unwrap_or(0);
         self.kicks_on = [true; MAX_QUEUE_PAIRS as usize];
         self.empty_since = [None; MAX_QUEUE_PAIRS as usize];
-        self.tx_pending = 0;
+        self.map.clear();
         self.rx_cursor = 0;
     }
 
     fn features(&self) -> u64 {
         self.shared.acked_features.load(Ordering::Acquire)
-    }
-
-    fn choose_tx_queue(&self, conn: &Connection, frame: &[u8]) -> usize {
-        if self.pairs <= 1 {
-            return 0;
-        }
-        // Keep a flow on one queue: hash the IPv4 addresses and ports when present.
-        let h = if frame.len() >= 38 && frame[12] == 0x08 && frame[13] == 0x00 {
-            frame[26..38].iter().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(*b as u32))
-        } else {
-            0
-        };
-        let q = h as usize % self.pairs;
-        if conn.vrings[2 * q].get_ref().is_enabled() {
-            q
-        } else {
-            0
-        }
     }
 }
 
@@ -537,100 +528,298 @@ fn header_len(features: u64) -> usize {
     }
 }
 
-/// Copies the frame of a guest transmit chain (after the virtio-net header)
-/// into `out`; None when the chain is malformed or the frame does not fit.
-fn read_chain<M>(mem: &GuestMemoryMmap<()>, chain: DescriptorChain<M>, hdr_len: usize, out: &mut [u8]) -> Option<usize>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
-    let mut skip = hdr_len;
-    let mut len = 0;
-    for d in chain {
-        if d.is_write_only() {
+/// Split-virtqueue descriptor flags.
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+const VRING_DESC_F_INDIRECT: u16 = 4;
+/// The guest asks not to be interrupted (avail ring flags).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// One guest memory region, translated once per memory table.
+#[derive(Clone, Copy)]
+struct Region {
+    gpa: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+/// The guest's memory as host pointers: rebuilt when the guest sends a new
+/// memory table, so descriptors translate with a range check instead of a
+/// search through vm-memory per access.
+#[derive(Default)]
+struct GuestMap {
+    /// Keeps the mapping the region pointers point into alive.
+    mem: Option<Arc<GuestMemoryMmap<()>>>,
+    regions: Vec<Region>,
+    last: usize,
+    generation: u64,
+}
+
+impl GuestMap {
+    fn load(&mut self, mem: Arc<GuestMemoryMmap<()>>, generation: u64) {
+        self.regions = mem
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+                Some(Region { gpa: r.start_addr().0, len: r.len(), host })
+            })
+            .collect();
+        self.mem = Some(mem);
+        self.last = 0;
+        self.generation = generation;
+    }
+
+    fn clear(&mut self) {
+        *self = GuestMap { generation: self.generation, ..Default::default() };
+    }
+
+    /// The host address of `len` bytes at guest address `gpa`, when they lie in one region.
+    #[inline]
+    fn translate(&mut self, gpa: u64, len: usize) -> Option<*mut u8> {
+        let fits = |r: &Region| gpa >= r.gpa && gpa.checked_add(len as u64).is_some_and(|end| end <= r.gpa + r.len);
+        if let Some(r) = self.regions.get(self.last) {
+            if fits(r) {
+                // SAFETY: gpa - r.gpa + len <= r.len, so the offset stays inside the region's mapping.
+                return Some(unsafe { r.host.add((gpa - r.gpa) as usize) });
+            }
+        }
+        let i = self.regions.iter().position(fits)?;
+        self.last = i;
+        let r = self.regions[i];
+        // SAFETY: as above, checked by `fits`.
+        Some(unsafe { r.host.add((gpa - r.gpa) as usize) })
+    }
+
+    /// Copies guest bytes at `gpa` into `out`.
+    fn read(&mut self, gpa: u64, out: &mut [u8]) -> bool {
+        match self.translate(gpa, out.len()) {
+            Some(p) => {
+                // SAFETY: p is valid for out.len() bytes (translate checked the range) and
+                // cannot overlap our own buffer. The guest owns the race on these bytes: the
+                // descriptor is ours until we return it, and any value is a valid u8.
+                unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+                true
+            }
+            // A buffer that spans two regions: let vm-memory split it.
+            None => self.mem.as_ref().is_some_and(|m| m.read_slice(out, GuestAddress(gpa)).is_ok()),
+        }
+    }
+
+    /// Copies `data` into guest memory at `gpa`.
+    fn write(&mut self, gpa: u64, data: &[u8]) -> bool {
+        match self.translate(gpa, data.len()) {
+            Some(p) => {
+                // SAFETY: p is valid for data.len() bytes (checked by translate); the guest gave
+                // us this write-only buffer and does not read it before we return it.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+                true
+            }
+            None => self.mem.as_ref().is_some_and(|m| m.write_slice(data, GuestAddress(gpa)).is_ok()),
+        }
+    }
+
+    /// The host view of a queue's three rings, or None when they are not
+    /// mapped, not aligned as virtio requires, or the size is not a power of two.
+    fn ring(&mut self, q: &virtio_queue::Queue) -> Option<Ring> {
+        let size = q.size();
+        if size == 0 || !size.is_power_of_two() {
             return None;
         }
-        let mut addr = d.addr().0;
-        let mut dl = d.len() as usize;
+        let (d, a, u) = (q.desc_table(), q.avail_ring(), q.used_ring());
+        if d % 16 != 0 || a % 2 != 0 || u % 4 != 0 {
+            return None;
+        }
+        let n = size as usize;
+        Some(Ring { desc: self.translate(d, 16 * n)?, avail: self.translate(a, 6 + 2 * n)?, used: self.translate(u, 6 + 8 * n)?, size })
+    }
+}
+
+/// A split virtqueue's rings as host pointers (valid while the [`GuestMap`]
+/// they came from holds its mapping). All accesses are volatile: the guest
+/// writes these rings concurrently.
+struct Ring {
+    desc: *mut u8,
+    avail: *mut u8,
+    used: *mut u8,
+    size: u16,
+}
+
+impl Ring {
+    /// The guest's avail index, with acquire ordering for the entries before it.
+    #[inline]
+    fn avail_idx(&self) -> u16 {
+        // SAFETY: avail is 2-aligned and maps 6 + 2*size bytes (GuestMap::ring); idx is at offset 2.
+        let v = unsafe { std::ptr::read_volatile(self.avail.add(2) as *const u16) };
+        fence(Ordering::Acquire);
+        u16::from_le(v)
+    }
+
+    #[inline]
+    fn avail_flags(&self) -> u16 {
+        // SAFETY: flags is at offset 0 of the mapped, aligned avail ring.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail as *const u16) })
+    }
+
+    #[inline]
+    fn avail_entry(&self, i: u16) -> u16 {
+        let slot = (i & (self.size - 1)) as usize;
+        // SAFETY: slot < size, so 4 + 2*slot + 2 <= 6 + 2*size, inside the mapping; 2-aligned.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16) })
+    }
+
+    /// Descriptor `i`: (address, length, flags, next); None when out of range.
+    #[inline]
+    fn desc(&self, i: u16) -> Option<(u64, u32, u16, u16)> {
+        if i >= self.size {
+            return None;
+        }
+        // SAFETY: i < size and the table maps 16*size bytes, 16-aligned; fields are naturally aligned.
+        unsafe {
+            let p = self.desc.add(16 * i as usize);
+            Some((
+                u64::from_le(std::ptr::read_volatile(p as *const u64)),
+                u32::from_le(std::ptr::read_volatile(p.add(8) as *const u32)),
+                u16::from_le(std::ptr::read_volatile(p.add(12) as *const u16)),
+                u16::from_le(std::ptr::read_volatile(p.add(14) as *const u16)),
+            ))
+        }
+    }
+
+    /// Writes used element `i` (not yet visible: see [`Ring::publish_used`]).
+    #[inline]
+    fn put_used(&self, i: u16, id: u16, len: u32) {
+        let slot = (i & (self.size - 1)) as usize;
+        // SAFETY: slot < size: 4 + 8*slot + 8 <= 6 + 8*size, inside the mapping; 4-aligned.
+        unsafe {
+            let p = self.used.add(4 + 8 * slot);
+            std::ptr::write_volatile(p as *mut u32, (id as u32).to_le());
+            std::ptr::write_volatile(p.add(4) as *mut u32, len.to_le());
+        }
+    }
+
+    /// Makes every used element before `idx` visible to the guest at once.
+    #[inline]
+    fn publish_used(&self, idx: u16) {
+        fence(Ordering::Release);
+        // SAFETY: idx is at offset 2 of the mapped, 4-aligned used ring.
+        unsafe { std::ptr::write_volatile(self.used.add(2) as *mut u16, idx.to_le()) };
+        // The guest's flags are read after this store (notification decision).
+        fence(Ordering::SeqCst);
+    }
+}
+
+/// Copies the frame of a guest transmit chain (after the virtio-net header)
+/// into `out`; None when the chain is malformed or the frame does not fit.
+fn read_chain(map: &mut GuestMap, ring: &Ring, head: u16, hdr_len: usize, out: &mut [u8]) -> Option<usize> {
+    let mut skip = hdr_len;
+    let mut len = 0;
+    let mut idx = head;
+    for _ in 0..ring.size {
+        let (addr, dlen, flags, next) = ring.desc(idx)?;
+        if flags & (VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT) != 0 {
+            return None;
+        }
+        let mut addr = addr;
+        let mut dl = dlen as usize;
         if skip > 0 {
             let s = skip.min(dl);
             addr += s as u64;
             dl -= s;
             skip -= s;
         }
-        if dl == 0 {
-            continue;
+        if dl > 0 {
+            if len + dl > out.len() || !map.read(addr, &mut out[len..len + dl]) {
+                return None;
+            }
+            len += dl;
         }
-        if len + dl > out.len() {
-            return None;
+        if flags & VRING_DESC_F_NEXT == 0 {
+            return (skip == 0).then_some(len);
         }
-        mem.read_slice(&mut out[len..len + dl], GuestAddress(addr)).ok()?;
-        len += dl;
+        idx = next;
     }
-    if skip > 0 {
-        return None;
-    }
-    Some(len)
+    None
 }
 
 impl VhostUserPort {
+    /// Picks up a new guest memory table (one atomic load per burst).
+    fn sync_memory(&mut self, conn: &Connection) {
+        let g = self.shared.mem_generation.load(Ordering::Acquire);
+        if g != self.map.generation || self.map.mem.is_none() {
+            self.map.load(conn.mem.memory().into_inner(), g);
+        }
+    }
+
+    /// Takes up to `bufs.len() - n` frames from guest transmit queue `q`:
+    /// one vring lock, one read of the avail index, one used-index publish.
+    fn poll_queue(&mut self, conn: &Connection, q: usize, hdr_len: usize, bufs: &mut [&mut [u8]], lens: &mut [usize], mut n: usize) -> usize {
+        let mut st = conn.vrings[2 * q + 1].get_mut();
+        if !st.is_enabled() || !st.get_queue().ready() {
+            return n;
+        }
+        let queue = st.get_queue_mut();
+        let Some(ring) = self.map.ring(queue) else { return n };
+        let (mut next_avail, mut next_used) = (queue.next_avail(), queue.next_used());
+        let pending = ring.avail_idx().wrapping_sub(next_avail);
+        let take = if pending > ring.size { 0 } else { (pending as usize).min(bufs.len() - n) };
+        let mut bad = 0u64;
+        for _ in 0..take {
+            let head = ring.avail_entry(next_avail);
+            next_avail = next_avail.wrapping_add(1);
+            match read_chain(&mut self.map, &ring, head, hdr_len, &mut *bufs[n]) {
+                Some(l) => {
+                    lens[n] = l;
+                    n += 1;
+                }
+                None => bad += 1,
+            }
+            ring.put_used(next_used, head, 0);
+            next_used = next_used.wrapping_add(1);
+        }
+        if bad > 0 {
+            self.shared.counters.rx_bad_chains.fetch_add(bad, Ordering::Relaxed);
+        }
+        if take > 0 {
+            ring.publish_used(next_used);
+            queue.set_next_avail(next_avail);
+            queue.set_next_used(next_used);
+            self.shared.counters.rx_per_queue[q].fetch_add(take as u64, Ordering::Relaxed);
+            self.empty_since[q] = None;
+            if self.kicks_on[q] {
+                if let Some(mem) = self.map.mem.clone() {
+                    let _ = queue.disable_notification(&*mem);
+                }
+                self.kicks_on[q] = false;
+            }
+            if ring.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0 {
+                self.shared.counters.calls.fetch_add(1, Ordering::Relaxed);
+                let _ = st.signal_used_queue();
+            }
+        } else if !self.kicks_on[q] {
+            let since = *self.empty_since[q].get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= KICK_AFTER_IDLE {
+                // Idle: ask for kicks again so that a sleeping worker wakes.
+                // Buffers the guest added before it saw the flag would get
+                // no kick, so wake ourselves for them.
+                self.kicks_on[q] = true;
+                self.empty_since[q] = None;
+                if let Some(mem) = self.map.mem.clone() {
+                    if queue.enable_notification(&*mem).unwrap_or(true) {
+                        self.shared.wake();
+                    }
+                }
+            }
+        }
+        n
+    }
+
     fn poll_queues(&mut self, conn: &Connection, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
-        let mem = conn.mem.memory();
+        self.sync_memory(conn);
         let hdr_len = header_len(self.features());
         let mut n = 0;
         for k in 0..self.pairs {
             let q = (self.rx_cursor + k) % self.pairs;
-            let mut st = conn.vrings[2 * q + 1].get_mut();
-            if !st.is_enabled() || !st.get_queue().ready() {
-                continue;
-            }
-            let (took, notify) = {
-                let queue = st.get_queue_mut();
-                let mut took = 0usize;
-                while n < bufs.len() {
-                    let Some(chain) = queue.pop_descriptor_chain(&*mem) else { break };
-                    let head = chain.head_index();
-                    match read_chain(&mem, chain, hdr_len, &mut *bufs[n]) {
-                        Some(l) => {
-                            lens[n] = l;
-                            n += 1;
-                        }
-                        None => {
-                            self.shared.counters.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    let _ = queue.add_used(&*mem, head, 0);
-                    took += 1;
-                }
-                if took > 0 {
-                    self.shared.counters.rx_per_queue[q].fetch_add(took as u64, Ordering::Relaxed);
-                    self.empty_since[q] = None;
-                    if self.kicks_on[q] {
-                        let _ = queue.disable_notification(&*mem);
-                        self.kicks_on[q] = false;
-                    }
-                    (took, queue.needs_notification(&*mem).unwrap_or(true))
-                } else {
-                    if !self.kicks_on[q] {
-                        let since = *self.empty_since[q].get_or_insert_with(std::time::Instant::now);
-                        if since.elapsed() >= KICK_AFTER_IDLE {
-                            // Idle: ask for kicks again so that a sleeping worker wakes.
-                            // Buffers the guest added before it saw the flag would get
-                            // no kick, so wake ourselves for them.
-                            self.kicks_on[q] = true;
-                            self.empty_since[q] = None;
-                            if queue.enable_notification(&*mem).unwrap_or(true) {
-                                self.shared.wake();
-                            }
-                        }
-                    }
-                    (0, false)
-                }
-            };
-            if took > 0 && notify {
-                self.shared.counters.calls.fetch_add(1, Ordering::Relaxed);
-                let _ = st.signal_used_queue();
-            }
+            n = self.poll_queue(conn, q, hdr_len, bufs, lens, n);
             if n == bufs.len() {
                 break;
             }
@@ -641,92 +830,114 @@ impl VhostUserPort {
         n
     }
 
-    fn send_on(&mut self, conn: &Connection, frame: &[u8]) -> bool {
-        let mem = conn.mem.memory();
+    /// Puts the frames `pick` selects onto guest receive queue `q`: one vring
+    /// lock, one used-index publish, at most one call. Returns how many went.
+    fn send_queue(&mut self, conn: &Connection, q: usize, frames: &[&[u8]], pick: impl Fn(usize) -> bool) -> usize {
         let features = self.features();
-        let mergeable = features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        let max_chains = if features & VIRTIO_NET_F_MRG_RXBUF != 0 { MAX_MERGE } else { 1 };
         let hdr_len = header_len(features);
-        let q = self.choose_tx_queue(conn, frame);
         let mut st = conn.vrings[2 * q].get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
-            return false;
+            return 0;
         }
         let queue = st.get_queue_mut();
-        let mut used = [(0u16, 0u32); MAX_MERGE];
-        let mut nb = 0usize;
-        let mut written = 0usize; // frame bytes written
-        let mut hdr_addr = None;
-        let max_chains = if mergeable { MAX_MERGE } else { 1 };
-        let ok = loop {
-            if written == frame.len() && hdr_addr.is_some() {
-                break true;
+        let Some(ring) = self.map.ring(queue) else { return 0 };
+        let (mut next_avail, mut next_used) = (queue.next_avail(), queue.next_used());
+        let first_used = next_used;
+        let mut avail_idx = ring.avail_idx();
+        let (mut sent, mut no_buffers) = (0usize, false);
+        for (fi, frame) in frames.iter().enumerate() {
+            if !pick(fi) {
+                continue;
             }
-            if nb == max_chains {
-                break false;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                self.shared.counters.tx_no_buffers.fetch_add(1, Ordering::Relaxed);
-                break false;
+            let (start_avail, start_used) = (next_avail, next_used);
+            let mut written = 0usize;
+            let mut hdr_at: Option<u64> = None;
+            let mut nb = 0u16;
+            let ok = loop {
+                if written == frame.len() && hdr_at.is_some() {
+                    break true;
+                }
+                if nb as usize == max_chains {
+                    break false;
+                }
+                if next_avail == avail_idx {
+                    avail_idx = ring.avail_idx();
+                    if next_avail == avail_idx || avail_idx.wrapping_sub(next_avail) > ring.size {
+                        no_buffers = true;
+                        break false;
+                    }
+                }
+                let head = ring.avail_entry(next_avail);
+                next_avail = next_avail.wrapping_add(1);
+                let mut chain_len = 0usize;
+                let mut bad = false;
+                let mut idx = head;
+                for _ in 0..ring.size {
+                    let Some((addr, dlen, flags, next)) = ring.desc(idx) else {
+                        bad = true;
+                        break;
+                    };
+                    if flags & VRING_DESC_F_WRITE == 0 || flags & VRING_DESC_F_INDIRECT != 0 {
+                        bad = true;
+                        break;
+                    }
+                    let (mut addr, mut room) = (addr, dlen as usize);
+                    if hdr_at.is_none() {
+                        // The header goes first, whole, into the first buffer.
+                        if room < hdr_len {
+                            bad = true;
+                            break;
+                        }
+                        hdr_at = Some(addr);
+                        addr += hdr_len as u64;
+                        room -= hdr_len;
+                        chain_len += hdr_len;
+                    }
+                    let k = room.min(frame.len() - written);
+                    if k > 0 {
+                        if !self.map.write(addr, &frame[written..written + k]) {
+                            bad = true;
+                            break;
+                        }
+                        written += k;
+                        chain_len += k;
+                    }
+                    if written == frame.len() || flags & VRING_DESC_F_NEXT == 0 {
+                        break;
+                    }
+                    idx = next;
+                }
+                ring.put_used(next_used, head, chain_len as u32);
+                next_used = next_used.wrapping_add(1);
+                nb += 1;
+                if bad {
+                    break false;
+                }
             };
-            let head = chain.head_index();
-            let mut chain_len = 0usize;
-            let mut bad = false;
-            for d in chain {
-                if !d.is_write_only() {
-                    bad = true;
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[10..12].copy_from_slice(&nb.to_le_bytes());
+            if !ok || !hdr_at.is_some_and(|at| self.map.write(at, &hdr[..hdr_len])) {
+                // Give the chains back: the guest sees none of what we wrote.
+                next_avail = start_avail;
+                next_used = start_used;
+                if no_buffers {
                     break;
                 }
-                let mut addr = d.addr().0;
-                let mut room = d.len() as usize;
-                if hdr_addr.is_none() {
-                    // The header goes first, whole, into the first buffer.
-                    if room < hdr_len {
-                        bad = true;
-                        break;
-                    }
-                    hdr_addr = Some(GuestAddress(addr));
-                    addr += hdr_len as u64;
-                    room -= hdr_len;
-                    chain_len += hdr_len;
-                }
-                let k = room.min(frame.len() - written);
-                if k > 0 {
-                    if mem.write_slice(&frame[written..written + k], GuestAddress(addr)).is_err() {
-                        bad = true;
-                        break;
-                    }
-                    written += k;
-                    chain_len += k;
-                }
-                if written == frame.len() {
-                    break;
-                }
+                continue;
             }
-            used[nb] = (head, chain_len as u32);
-            nb += 1;
-            if bad {
-                break false;
+            sent += 1;
+        }
+        if next_used != first_used {
+            ring.publish_used(next_used);
+            queue.set_next_avail(next_avail);
+            queue.set_next_used(next_used);
+            if ring.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0 {
+                self.shared.counters.calls.fetch_add(1, Ordering::Relaxed);
+                let _ = st.signal_used_queue();
             }
-        };
-        if !ok {
-            // Give the chains back: the guest sees none of what we wrote.
-            let next = queue.next_avail().wrapping_sub(nb as u16);
-            queue.set_next_avail(next);
-            return false;
         }
-        let mut hdr = [0u8; NET_HDR_LEN];
-        hdr[10..12].copy_from_slice(&(nb as u16).to_le_bytes());
-        let Some(at) = hdr_addr else { return false };
-        if mem.write_slice(&hdr[..hdr_len], at).is_err() {
-            let next = queue.next_avail().wrapping_sub(nb as u16);
-            queue.set_next_avail(next);
-            return false;
-        }
-        for (head, len) in &used[..nb] {
-            let _ = queue.add_used(&*mem, *head, *len);
-        }
-        self.tx_pending |= 1 << q;
-        true
+        sent
     }
 }
 
@@ -742,37 +953,45 @@ impl BurstPort for VhostUserPort {
         n
     }
 
-    fn send(&mut self, frame: &[u8]) -> bool {
+    fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
         self.refresh();
-        let Some(conn) = self.conn.take() else { return false };
-        let ok = self.send_on(&conn, frame);
-        self.conn = Some(conn);
-        ok
-    }
-
-    fn flush(&mut self) {
-        if self.tx_pending == 0 {
-            return;
-        }
-        let Some(conn) = self.conn.take() else {
-            self.tx_pending = 0;
-            return;
-        };
-        let mem = conn.mem.memory();
-        while self.tx_pending != 0 {
-            let q = self.tx_pending.trailing_zeros() as usize;
-            self.tx_pending &= !(1 << q);
-            let mut st = conn.vrings[2 * q].get_mut();
-            if st.get_queue_mut().needs_notification(&*mem).unwrap_or(true) {
-                self.shared.counters.calls.fetch_add(1, Ordering::Relaxed);
-                let _ = st.signal_used_queue();
+        let Some(conn) = self.conn.take() else { return 0 };
+        self.sync_memory(&conn);
+        let sent = if self.pairs <= 1 {
+            self.send_queue(&conn, 0, frames, |_| true)
+        } else {
+            // Keep a flow on one queue; a queue the guest has not enabled sends on queue 0.
+            let mut which = [0u8; 256];
+            let n = frames.len().min(which.len());
+            for (i, f) in frames[..n].iter().enumerate() {
+                which[i] = flow_queue(f, self.pairs) as u8;
             }
+            for q in 1..self.pairs {
+                if which[..n].contains(&(q as u8)) && !conn.vrings[2 * q].get_ref().is_enabled() {
+                    which[..n].iter_mut().filter(|w| **w == q as u8).for_each(|w| *w = 0);
+                }
+            }
+            (0..self.pairs).filter(|q| which[..n].contains(&(*q as u8))).map(|q| self.send_queue(&conn, q, &frames[..n], |i| which[i] == q as u8)).sum()
+        };
+        if sent < frames.len() {
+            self.shared.counters.tx_no_buffers.fetch_add((frames.len() - sent) as u64, Ordering::Relaxed);
         }
-        drop(mem);
         self.conn = Some(conn);
+        sent
     }
 
     fn fd(&self) -> RawFd {
         self.shared.wake.as_raw_fd()
     }
+}
+
+/// The receive queue of a frame: a hash of its IPv4 addresses and ports, so
+/// a flow stays on one queue.
+fn flow_queue(frame: &[u8], pairs: usize) -> usize {
+    let h = if frame.len() >= 38 && frame[12] == 0x08 && frame[13] == 0x00 {
+        frame[26..38].iter().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(*b as u32))
+    } else {
+        0
+    };
+    h as usize % pairs
 }

@@ -157,6 +157,11 @@ impl Instance {
         &self.cfg.dir
     }
 
+    /// The process id of ovs-vswitchd (from its pidfile), to find its PMD threads.
+    pub fn vswitchd_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.cfg.dir.join("ovs-vswitchd.pid")).ok()?.trim().parse().ok()
+    }
+
     /// Runs `ovs-appctl` against this ovs-vswitchd.
     pub fn appctl(&self, args: &[&str]) -> Result<String, InstanceError> {
         run("ovs-appctl", Command::new("ovs-appctl").arg("-t").arg(self.cfg.dir.join("ovs-vswitchd.ctl")).args(args))
