@@ -82,7 +82,24 @@ fn guest_frames_come_back_macswapped_through_testpmd() {
     if skip_reason().is_some() {
         return;
     }
-    let dir = TempDir::new("vhu");
+    macswap_round_trip("vhu", |_| {});
+}
+
+/// The NFV layout: guest RAM on 2 MiB hugepages, shared through a hugetlb memfd.
+#[test]
+fn vhost_user_on_shared_hugepage_memory() {
+    if skip_reason().is_some() {
+        return;
+    }
+    let Some(_pages) = HugePages::reserve(32) else {
+        eprintln!("SKIPPED: cannot reserve 32 free 2 MiB hugepages (needs root and free memory)");
+        return;
+    };
+    macswap_round_trip("vhuhuge", |cfg| cfg["machine"]["memory_backend"] = "hugetlb-2m".into());
+}
+
+fn macswap_round_trip(tag: &str, tweak: impl Fn(&mut serde_json::Value)) {
+    let dir = TempDir::new(tag);
     let sock = dir.path("vhost.sock");
     let tp = match Testpmd::start(&dir, &sock, "macswap") {
         Ok(t) => t,
@@ -95,6 +112,7 @@ fn guest_frames_come_back_macswapped_through_testpmd() {
     cfg["machine"]["memory_shared"] = true.into();
     cfg["api"] = serde_json::json!({ "socket": dir.path("api.sock") });
     cfg["net"] = serde_json::json!([{ "id": "vu0", "vhost_user_socket": sock, "mac": "52:54:00:00:be:ef" }]);
+    tweak(&mut cfg);
     let mut vm = TestVm::boot(&dir, &cfg);
     let out = vm.wait_for("probe: sent 8", 120);
     assert!(out.contains("net: mac 52:54:00:00:be:ef"), "{out}");
@@ -104,6 +122,15 @@ fn guest_frames_come_back_macswapped_through_testpmd() {
         tp.output()
     );
     vm.wait_api(10);
+    if cfg["machine"]["memory_backend"] == "hugetlb-2m" {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", vm.pid())).unwrap();
+        let kb: u64 = smaps
+            .lines()
+            .filter_map(|l| l.strip_prefix("Shared_Hugetlb:"))
+            .map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap_or(0))
+            .sum();
+        assert!(kb >= 2048, "guest RAM is shared hugepage memory: Shared_Hugetlb {kb} kB");
+    }
     let (_, c) = vm.api("GET", "/vm/counters", None);
     let d = &c["devices"][0];
     assert_eq!(d["type"], "net");
