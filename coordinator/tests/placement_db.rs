@@ -157,3 +157,60 @@ async fn providers_have_unique_names_and_delete_leaves_nothing_behind() {
     db::delete_provider(s, &root.uuid).await.unwrap();
     assert!(store.range("/placement/rp").await.unwrap().kvs.is_empty(), "no provider or name records left");
 }
+
+#[tokio::test]
+async fn provider_allocations_are_indexed_and_schema_1_records_are_moved_on_write() {
+    let (_dir, store) = open();
+    let s = store.as_ref();
+    let tree = host_tree("host1", 8);
+    db::sync_provider_tree(s, &tree).await.unwrap();
+    let root = tree.root.uuid;
+
+    // Schema 1 kept each consumer's allocations inside the provider record.
+    let old = Uuid::new_v4();
+    let mut v1 = serde_json::to_value(db::must_get_provider(s, &root).await.unwrap().value).unwrap();
+    let m = v1.as_object_mut().unwrap();
+    m.remove("usage");
+    m.remove("consumers");
+    m.insert("allocations".into(), serde_json::json!({ old.to_string(): {"VCPU": 3, "DISK_GB": 10} }));
+    m.insert("v".into(), 1.into());
+    store.put(&db::rp_key(&root), serde_json::to_vec(&v1).unwrap()).await.unwrap();
+    let consumer = db::Consumer {
+        uuid: old,
+        project_id: "p".into(),
+        user_id: "u".into(),
+        consumer_type: None,
+        generation: 1,
+        allocations: BTreeMap::from([(root, BTreeMap::from([("VCPU".to_string(), 3), ("DISK_GB".to_string(), 10)]))]),
+    };
+    store.put(&db::consumer_key(&old), store::record::encode(&consumer)).await.unwrap();
+
+    let p = db::must_get_provider(s, &root).await.unwrap().value;
+    assert_eq!((p.used("VCPU"), p.used("DISK_GB"), p.consumers), (3, 10, 1), "totals summed from a schema-1 record");
+    assert_eq!(db::provider_allocations(s, &p).await.unwrap()[&old]["VCPU"], 3);
+
+    // A new consumer's write moves the old one's share to the index as well.
+    let new = Uuid::new_v4();
+    db::replace_allocations(s, &[alloc(new, root, "VCPU", 2, ConsumerGeneration::New)]).await.unwrap();
+    let raw = store.get(&db::rp_key(&root)).await.unwrap().unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&raw.value).unwrap();
+    assert_eq!(stored["v"], 2);
+    assert!(stored.get("allocations").is_none(), "no per-consumer allocations in the provider record: {stored}");
+    assert_eq!(stored["usage"]["VCPU"], 5);
+    assert_eq!(store.range(&format!("{}{root}/", db::ALLOC_PREFIX)).await.unwrap().kvs.len(), 2);
+    let p = db::must_get_provider(s, &root).await.unwrap().value;
+    let by_consumer = db::provider_allocations(s, &p).await.unwrap();
+    assert_eq!(by_consumer.len(), 2);
+    assert_eq!(by_consumer[&old], BTreeMap::from([("VCPU".to_string(), 3), ("DISK_GB".to_string(), 10)]));
+    assert_eq!(by_consumer[&new], BTreeMap::from([("VCPU".to_string(), 2)]));
+
+    // Removing allocations removes their index entries and lowers the totals.
+    db::delete_allocations(s, &old).await.unwrap();
+    let p = db::must_get_provider(s, &root).await.unwrap().value;
+    assert_eq!((p.used("VCPU"), p.used("DISK_GB"), p.consumers), (2, 0, 1));
+    assert_eq!(db::provider_allocations(s, &p).await.unwrap().keys().collect::<Vec<_>>(), vec![&new]);
+    db::delete_allocations(s, &new).await.unwrap();
+    let p = db::must_get_provider(s, &root).await.unwrap().value;
+    assert!(!p.has_allocations());
+    assert!(store.range(db::ALLOC_PREFIX).await.unwrap().kvs.is_empty());
+}

@@ -140,13 +140,13 @@ async fn filters_pick_the_only_host_that_qualifies() {
 
     // Server groups.
     let mut r = request(&[("VCPU", 1)]);
-    r.server_group = Some(ServerGroup { policy: GroupPolicy::AntiAffinity, member_hosts: BTreeSet::from([small]) });
+    r.server_group = Some(ServerGroup { id: Uuid::new_v4(), policy: GroupPolicy::AntiAffinity, member_hosts: BTreeSet::from([small]) });
     assert_eq!(s.schedule(&r).await.unwrap().host, big);
     let mut r = request(&[("VCPU", 1)]);
-    r.server_group = Some(ServerGroup { policy: GroupPolicy::Affinity, member_hosts: BTreeSet::from([big]) });
+    r.server_group = Some(ServerGroup { id: Uuid::new_v4(), policy: GroupPolicy::Affinity, member_hosts: BTreeSet::from([big]) });
     assert_eq!(s.schedule(&r).await.unwrap().host, big);
     let mut r = request(&[("VCPU", 1)]);
-    r.server_group = Some(ServerGroup { policy: GroupPolicy::AntiAffinity, member_hosts: BTreeSet::from([small, big]) });
+    r.server_group = Some(ServerGroup { id: Uuid::new_v4(), policy: GroupPolicy::AntiAffinity, member_hosts: BTreeSet::from([small, big]) });
     assert!(matches!(s.schedule(&r).await, Err(ScheduleError::NoValidHost(_))));
 
     // What the scheduler claimed is in the store.

@@ -182,6 +182,46 @@ async fn load(store: &dyn Store, inner: &RwLock<Inner>) -> Result<i64, db::DbErr
     Ok(revision)
 }
 
+/// A watch event as the cache applies it.
+enum Change {
+    Put(Versioned<Provider>),
+    Delete(Uuid, i64),
+}
+
+/// Decodes the records of a watch response that are newer than the cache's
+/// copy, outside the write lock. The claims this replica made are already
+/// in the cache at their revision, so their echo is not decoded again.
+fn decode_events(inner: &RwLock<Inner>, events: Vec<store::Event>) -> Vec<Change> {
+    let newer: Vec<bool> = {
+        let guard = inner.read().unwrap();
+        events
+            .iter()
+            .map(|ev| match Uuid::parse_str(&ev.kv.key[db::RP_PREFIX.len()..]) {
+                Ok(u) => guard.providers.get(&u).is_none_or(|p| p.mod_revision < ev.kv.mod_revision),
+                Err(_) => true,
+            })
+            .collect()
+    };
+    let mut out = Vec::with_capacity(events.len());
+    for (ev, newer) in events.into_iter().zip(newer) {
+        if !newer {
+            continue;
+        }
+        match ev.kind {
+            EventKind::Put => match db::decode_provider(&ev.kv.key, &ev.kv.value) {
+                Ok(value) => out.push(Change::Put(Versioned { value, mod_revision: ev.kv.mod_revision })),
+                Err(e) => tracing::warn!(error = %e, "skipping unreadable provider record"),
+            },
+            EventKind::Delete => {
+                if let Ok(u) = Uuid::parse_str(&ev.kv.key[db::RP_PREFIX.len()..]) {
+                    out.push(Change::Delete(u, ev.kv.mod_revision));
+                }
+            }
+        }
+    }
+    out
+}
+
 async fn follow(store: Arc<dyn Store>, inner: Arc<RwLock<Inner>>, mut revision: i64) {
     loop {
         match store.watch(db::RP_PREFIX, revision + 1).await {
@@ -189,19 +229,15 @@ async fn follow(store: Arc<dyn Store>, inner: Arc<RwLock<Inner>>, mut revision: 
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(resp) => {
-                            let mut guard = inner.write().unwrap();
-                            for ev in resp.events {
+                            for ev in &resp.events {
                                 revision = revision.max(ev.kv.mod_revision);
-                                match ev.kind {
-                                    EventKind::Put => match db::decode_provider(&ev.kv.key, &ev.kv.value) {
-                                        Ok(value) => guard.upsert(Versioned { value, mod_revision: ev.kv.mod_revision }),
-                                        Err(e) => tracing::warn!(error = %e, "skipping unreadable provider record"),
-                                    },
-                                    EventKind::Delete => {
-                                        if let Ok(u) = Uuid::parse_str(&ev.kv.key[db::RP_PREFIX.len()..]) {
-                                            guard.remove(&u, ev.kv.mod_revision);
-                                        }
-                                    }
+                            }
+                            let changes = decode_events(&inner, resp.events);
+                            let mut guard = inner.write().unwrap();
+                            for change in changes {
+                                match change {
+                                    Change::Put(p) => guard.upsert(p),
+                                    Change::Delete(u, rev) => guard.remove(&u, rev),
                                 }
                             }
                             guard.revision = guard.revision.max(revision);

@@ -13,21 +13,31 @@
 //! the transaction returns the providers as they are now, the cache takes
 //! them, and the next candidate is tried. That is why any number of
 //! schedulers on any number of replicas never over-commit a provider.
+//! A member of a server group is also placed against the group's record
+//! ([`groups`]), which its claim compares and extends in the same
+//! transaction, so concurrent members of one group cannot both miss each other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rand::seq::SliceRandom;
 use rand::Rng;
+use store::record::encode;
 use store::Store;
 use uuid::Uuid;
 
-use crate::placement::db::{self, Claim, Consumer, DbError, Versioned};
+use crate::placement::db::{self, Claim, Consumer, DbError, Guard};
 
 pub mod cache;
 pub mod filters;
 pub mod fit;
+pub mod groups;
 pub mod request;
 pub mod weighers;
+
+/// Times a member of a server group re-selects, without it counting as a
+/// round, because other members were placed while it was choosing.
+const MAX_GROUP_CHANGES: usize = 256;
 
 pub use request::{GroupPolicy, NumaNodeRequest, RequestSpec, Selection, ServerGroup, SriovRequest};
 pub use weighers::Strategy;
@@ -132,29 +142,34 @@ impl Scheduler {
     }
 
     /// Picks up to `sample_size` hosts that pass every filter and fit the
-    /// request, best first.
-    fn select(&self, req: &RequestSpec) -> Result<Vec<(f64, Selection)>, ScheduleError> {
+    /// request, in the order to try them: the best `host_subset_size` in a
+    /// random order (so concurrent requests, here and on other replicas,
+    /// spread over them rather than all racing for the best), then the rest
+    /// best first.
+    fn select(&self, req: &RequestSpec) -> Result<Vec<Uuid>, ScheduleError> {
         let hosts = self.cache.host_count();
         if hosts == 0 {
             return Err(ScheduleError::NoValidHost("There are no hosts.".into()));
         }
-        let start = rand::thread_rng().gen_range(0..hosts);
+        let mut rng = rand::thread_rng();
+        let start = rng.gen_range(0..hosts);
         let mut rejected = vec![0usize; self.filters.len()];
         let mut unfit = 0usize;
-        let mut out = Vec::with_capacity(self.config.sample_size);
+        let mut out: Vec<(f64, Uuid)> = Vec::with_capacity(self.config.sample_size);
         self.cache.scan(start, |tree| {
             let status = self.hosts.status(tree[0].value.uuid);
             let view = filters::HostView { tree, status: status.as_ref() };
-            if let Some(i) = self.filters.iter().position(|f| !f.passes(&view, req)) {
+            if let Some(i) = self.filters.iter().position(|f| !f.implied_by_fit() && !f.passes(&view, req)) {
                 rejected[i] += 1;
                 return true;
             }
-            match fit::fit(tree, req) {
-                Some(sel) => {
-                    let w = weighers::weigh(self.config.strategy, tree, &sel.allocations);
-                    out.push((w, sel));
-                }
-                None => unfit += 1,
+            match fit::fit_taken(tree, req) {
+                Some(f) => out.push((weighers::weigh(self.config.strategy, tree, &f.taken), tree[0].value.uuid)),
+                // Say which rule turned the host down.
+                None => match self.filters.iter().position(|f| f.implied_by_fit() && !f.passes(&view, req)) {
+                    Some(i) => rejected[i] += 1,
+                    None => unfit += 1,
+                },
             }
             out.len() < self.config.sample_size
         });
@@ -173,12 +188,16 @@ impl Scheduler {
         }
         out.sort_by(|a, b| b.0.total_cmp(&a.0));
         let k = self.config.host_subset_size.clamp(1, out.len());
-        let pick = rand::thread_rng().gen_range(0..k);
-        out.swap(0, pick);
-        Ok(out)
+        out[..k].shuffle(&mut rng);
+        Ok(out.into_iter().map(|(_, h)| h).collect())
     }
 
     /// Places `req` and claims its resources; returns where it landed.
+    ///
+    /// A member of a server group is placed against the group's membership
+    /// as recorded in the store, and its claim compares and extends that
+    /// record ([`groups`]), so concurrent members of one group are placed one
+    /// after another however many schedulers place them.
     pub async fn schedule(&self, req: &RequestSpec) -> Result<Selection, ScheduleError> {
         let consumer = Consumer {
             uuid: req.consumer,
@@ -188,27 +207,67 @@ impl Scheduler {
             generation: 0,
             allocations: Default::default(),
         };
-        for _ in 0..self.config.max_rounds {
-            let candidates = self.select(req)?;
-            for (_, first_fit) in candidates {
+        let mut group = match &req.server_group {
+            Some(g) => Some(groups::read(self.store.as_ref(), &g.id).await?),
+            None => None,
+        };
+        let mut rounds = 0;
+        let mut group_changes = 0;
+        'round: while rounds < self.config.max_rounds {
+            rounds += 1;
+            // The request as the filters see it: with the members recorded now.
+            let with_members;
+            let effective = match (&req.server_group, &group) {
+                (Some(g), Some(state)) if !state.members.members.is_empty() => {
+                    let mut r = req.clone();
+                    let mut g = g.clone();
+                    g.member_hosts.extend(state.members.members.values().copied());
+                    r.server_group = Some(g);
+                    with_members = r;
+                    &with_members
+                }
+                _ => req,
+            };
+            for host in self.select(effective)? {
                 // Re-fit against the cache as it is now: claims of this
                 // replica since the selection are already in it.
-                let tree = self.cache.tree(&first_fit.host);
+                let tree = self.cache.tree(&host);
                 if tree.is_empty() {
                     continue;
                 }
-                let Some(sel) = fit::fit(&tree, req) else { continue };
-                let touched: Vec<Versioned<db::Provider>> =
-                    tree.iter().filter(|p| sel.allocations.contains_key(&p.value.uuid)).map(|p| (**p).clone()).collect();
-                match db::claim(self.store.as_ref(), &consumer, &touched, &sel.allocations, None).await {
-                    Ok(Claim::Claimed { providers: now, .. }) => {
-                        self.cache.apply(now);
+                let Some(sel) = fit::fit(&tree, effective) else { continue };
+                let touched: Vec<cache::CachedProvider> =
+                    tree.into_iter().filter(|p| sel.allocations.contains_key(&p.value.uuid)).collect();
+                let guard = match (&req.server_group, &group) {
+                    (Some(g), Some(state)) => {
+                        let mut members = state.members.clone();
+                        members.members.insert(req.consumer, host);
+                        Some(Guard { key: groups::group_key(&g.id), mod_revision: state.mod_revision, value: encode(&members) })
+                    }
+                    _ => None,
+                };
+                match db::claim(self.store.as_ref(), &consumer, &touched, &sel.allocations, guard.as_ref()).await {
+                    Ok(Claim::Claimed { providers, .. }) => {
+                        self.cache.apply(providers);
                         self.stats.claims.fetch_add(1, Ordering::Relaxed);
                         return Ok(sel);
                     }
-                    Ok(Claim::Stale { providers: now, .. }) => {
+                    Ok(Claim::Stale { providers, guard: now }) => {
                         self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                        self.cache.apply(now.into_iter().flatten());
+                        self.cache.apply(providers.into_iter().flatten());
+                        if let Some(state) = &mut group {
+                            if now.as_ref().map_or(0, |kv| kv.mod_revision) != state.mod_revision {
+                                // Another member was placed meanwhile: select
+                                // again knowing where. Only members placed
+                                // elsewhere make this happen, so it ends.
+                                *state = groups::GroupState::from_kv(now.as_ref())?;
+                                group_changes += 1;
+                                if group_changes <= MAX_GROUP_CHANGES {
+                                    rounds -= 1;
+                                }
+                                continue 'round;
+                            }
+                        }
                     }
                     Err(DbError::Capacity { .. }) => {}
                     Err(e) => return Err(e.into()),

@@ -43,17 +43,17 @@ pub struct NumaNodeRequest {
 }
 
 impl NumaNodeRequest {
-    /// The node's needs as resource class -> amount, without zeros.
-    pub fn resources(&self) -> BTreeMap<String, u64> {
-        let mut r = BTreeMap::new();
+    /// The node's needs as (resource class, amount), without zeros.
+    pub fn resources(&self) -> Vec<(&str, u64)> {
+        let mut r = Vec::with_capacity(3 + self.hugepages.len());
         for (class, n) in [("PCPU", self.pcpus), ("VCPU", self.vcpus), ("MEMORY_MB", self.memory_mb)] {
             if n > 0 {
-                r.insert(class.to_string(), n);
+                r.push((class, n));
             }
         }
         for (class, n) in &self.hugepages {
             if *n > 0 {
-                r.insert(class.clone(), *n);
+                r.push((class.as_str(), *n));
             }
         }
         r
@@ -81,8 +81,12 @@ pub enum GroupPolicy {
 /// A server group and where its existing members run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerGroup {
+    /// The group's id: the scheduler records members placed through it under
+    /// this id ([`super::groups`]) and serializes their claims on that record.
+    pub id: Uuid,
     pub policy: GroupPolicy,
-    /// Root provider uuids (hosts) of the group's current members.
+    /// Root provider uuids (hosts) of members the caller knows of, on top of
+    /// those the scheduler recorded.
     pub member_hosts: BTreeSet<Uuid>,
 }
 

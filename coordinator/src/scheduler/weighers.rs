@@ -1,9 +1,7 @@
 //! Weighers: order the hosts that passed the filters.
 
-use std::collections::BTreeMap;
-
 use super::cache::CachedProvider;
-use super::fit::Allocations;
+use super::fit::Taken;
 
 /// How hosts are ordered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -19,18 +17,19 @@ pub enum Strategy {
 /// allocation takes, the fraction of the tree's capacity of that class still
 /// free after it, averaged over those classes. Spread prefers a high value,
 /// pack a low one; the result is higher-is-better in both cases.
-pub fn weigh(strategy: Strategy, tree: &[CachedProvider], alloc: &Allocations) -> f64 {
-    let mut taken: BTreeMap<&str, u64> = BTreeMap::new();
-    for classes in alloc.values() {
-        for (c, n) in classes {
-            *taken.entry(c.as_str()).or_default() += n;
+pub fn weigh(strategy: Strategy, tree: &[CachedProvider], taken: &Taken<'_>) -> f64 {
+    let mut classes: Vec<(&str, u64)> = Vec::with_capacity(4);
+    for (_, c, n) in taken.iter() {
+        match classes.iter_mut().find(|(k, _)| k == c) {
+            Some(e) => e.1 += n,
+            None => classes.push((c, *n)),
         }
     }
-    if taken.is_empty() {
+    if classes.is_empty() {
         return 0.0;
     }
     let mut sum = 0.0;
-    for (class, n) in &taken {
+    for (class, n) in &classes {
         let (mut cap, mut used) = (0u64, 0u64);
         for p in tree {
             if let Some(inv) = p.value.inventories.get(*class) {
@@ -42,7 +41,7 @@ pub fn weigh(strategy: Strategy, tree: &[CachedProvider], alloc: &Allocations) -
             sum += cap.saturating_sub(used + n) as f64 / cap as f64;
         }
     }
-    let free = sum / taken.len() as f64;
+    let free = sum / classes.len() as f64;
     match strategy {
         Strategy::Spread => free,
         Strategy::Pack => -free,

@@ -1,7 +1,7 @@
 //! Capacity filter.
 
 use super::{Filter, HostView};
-use crate::scheduler::fit::{fit_resources, Allocations};
+use crate::scheduler::fit::{fit_resources, Taken};
 use crate::scheduler::request::RequestSpec;
 
 /// Passes a host when each requested tree-wide class (VCPU, MEMORY_MB,
@@ -14,7 +14,10 @@ impl Filter for CapacityFilter {
     fn name(&self) -> &'static str {
         "CapacityFilter"
     }
+    fn implied_by_fit(&self) -> bool {
+        true
+    }
     fn passes(&self, host: &HostView<'_>, req: &RequestSpec) -> bool {
-        fit_resources(host.tree, req, &mut Allocations::new())
+        fit_resources(host.tree, req, &mut Taken::default())
     }
 }

@@ -37,6 +37,12 @@ pub trait Filter: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether the host passes.
     fn passes(&self, host: &HostView<'_>, req: &RequestSpec) -> bool;
+    /// Whether every host the whole request fits into ([`super::fit`])
+    /// passes this filter. The scheduler then runs it only on hosts the
+    /// request does not fit, to say which rule turned them down.
+    fn implied_by_fit(&self) -> bool {
+        false
+    }
 }
 
 /// The filters in the order they run (cheap ones first).

@@ -1,7 +1,7 @@
 //! NUMA fit filter.
 
 use super::{Filter, HostView};
-use crate::scheduler::fit::{fit_numa, Allocations};
+use crate::scheduler::fit::{fit_numa, Taken};
 use crate::scheduler::request::RequestSpec;
 
 /// Passes a host when each requested guest NUMA node can have a host NUMA
@@ -14,7 +14,10 @@ impl Filter for NumaFilter {
     fn name(&self) -> &'static str {
         "NUMATopologyFilter"
     }
+    fn implied_by_fit(&self) -> bool {
+        true
+    }
     fn passes(&self, host: &HostView<'_>, req: &RequestSpec) -> bool {
-        fit_numa(host.tree, req, &mut Allocations::new()).is_some()
+        fit_numa(host.tree, req, &mut Taken::default()).is_some()
     }
 }

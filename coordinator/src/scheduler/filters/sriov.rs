@@ -1,7 +1,7 @@
 //! SR-IOV filter.
 
 use super::{Filter, HostView};
-use crate::scheduler::fit::{fit_sriov, Allocations};
+use crate::scheduler::fit::{fit_sriov, Taken};
 use crate::scheduler::request::RequestSpec;
 
 /// Passes a host when, for each SR-IOV request, one provider of its tree
@@ -13,7 +13,10 @@ impl Filter for SriovFilter {
     fn name(&self) -> &'static str {
         "PciPassthroughFilter"
     }
+    fn implied_by_fit(&self) -> bool {
+        true
+    }
     fn passes(&self, host: &HostView<'_>, req: &RequestSpec) -> bool {
-        fit_sriov(host.tree, req, &mut Allocations::new()).is_some()
+        fit_sriov(host.tree, req, &mut Taken::default()).is_some()
     }
 }
