@@ -136,9 +136,11 @@ impl Default for Timeouts {
 /// The connection table.
 #[derive(Debug, Default)]
 pub struct Conntrack {
-    conns: FastMap<u64, Connection>,
-    index: FastMap<Tuple, (u64, bool)>,
-    next_id: u64,
+    /// Connections in slots; the index maps both tuples to a slot.
+    conns: Vec<Option<Connection>>,
+    free: Vec<u32>,
+    count: usize,
+    index: FastMap<Tuple, (u32, bool)>,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Maximum number of connections; new ones beyond it are invalid.
@@ -158,22 +160,22 @@ impl Conntrack {
 
     /// Number of connections.
     pub fn len(&self) -> usize {
-        self.conns.len()
+        self.count
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
+        self.count == 0
     }
 
     /// All connections (for `show conntrack`).
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
-        self.conns.values()
+        self.conns.iter().flatten()
     }
 
     /// Removes connections for which `keep` says false.
     pub fn retain(&mut self, mut keep: impl FnMut(&Connection) -> bool) -> usize {
-        let drop: Vec<u64> = self.conns.iter().filter(|(_, c)| !keep(c)).map(|(id, _)| *id).collect();
+        let drop: Vec<u32> = self.conns.iter().enumerate().filter(|(_, c)| c.as_ref().is_some_and(|c| !keep(c))).map(|(i, _)| i as u32).collect();
         for id in &drop {
             self.remove(*id);
         }
@@ -185,8 +187,10 @@ impl Conntrack {
         self.retain(|c| c.expires > now)
     }
 
-    fn remove(&mut self, id: u64) {
-        if let Some(c) = self.conns.remove(&id) {
+    fn remove(&mut self, slot: u32) {
+        if let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::take) {
+            self.free.push(slot);
+            self.count -= 1;
             self.index.remove(&c.orig);
             self.index.remove(&c.reply);
         }
@@ -225,7 +229,7 @@ impl Conntrack {
         let tuple = Tuple { zone: ct.zone, proto: key.ip_proto, src: key.ip_src, dst: key.ip_dst, sport, dport };
         let mut found = self.index.get(&tuple).copied();
         if let Some((id, _)) = found {
-            let c = &self.conns[&id];
+            let c = self.conns[id as usize].as_ref().expect("indexed connection exists");
             let dead = c.expires <= now || (matches!(c.state, ProtoState::Tcp(TcpState::TimeWait | TcpState::Closed)) && flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
             if dead {
                 self.remove(id);
@@ -235,7 +239,7 @@ impl Conntrack {
         match found {
             Some((id, is_reply)) => {
                 let timeouts = self.timeouts;
-                let c = self.conns.get_mut(&id).expect("indexed connection exists");
+                let c = self.conns[id as usize].as_mut().expect("indexed connection exists");
                 let valid = advance(c, is_reply, flags, &timeouts, now, icmp_kind);
                 c.packets += 1;
                 if !valid {
@@ -272,7 +276,7 @@ impl Conntrack {
                 if !ct.commit {
                     return;
                 }
-                if self.limit != 0 && self.conns.len() >= self.limit {
+                if self.limit != 0 && self.count >= self.limit {
                     key.ct_state = ct_state::TRACKED | ct_state::INVALID;
                     return;
                 }
@@ -312,8 +316,13 @@ impl Conntrack {
                     packets: 1,
                 };
                 c.expires = now + timeout(&c.state, &timeouts);
-                let id = self.next_id;
-                self.next_id += 1;
+                let id = match self.free.pop() {
+                    Some(i) => i,
+                    None => {
+                        self.conns.push(None);
+                        (self.conns.len() - 1) as u32
+                    }
+                };
                 self.index.insert(c.orig, (id, false));
                 self.index.insert(c.reply, (id, true));
                 if snat {
@@ -321,7 +330,8 @@ impl Conntrack {
                     rewrite(frame, layout, key, false, &out.src, out.sport, icmp_kind);
                     key.ct_state |= ct_state::SNAT;
                 }
-                self.conns.insert(id, c);
+                self.conns[id as usize] = Some(c);
+                self.count += 1;
             }
         }
     }

@@ -576,7 +576,12 @@ struct Worker {
     local: LocalCounters,
     /// Engine clock, read once per burst (conntrack timestamps).
     now: Duration,
+    /// Per recirculation pass, the last key looked up in this burst and its actions.
+    recent: [(FlowKey, Option<ActRef>); RECENT_PASSES],
 }
+
+/// Passes of a packet that remember their last lookup within a burst.
+const RECENT_PASSES: usize = 4;
 
 impl Worker {
     fn new(id: usize, workers: usize, shared: Arc<Shared>, busy_rounds: u32) -> Worker {
@@ -599,6 +604,7 @@ impl Worker {
             temp: Vec::new(),
             local: LocalCounters::default(),
             now: Duration::ZERO,
+            recent: [(FlowKey::default(), None); RECENT_PASSES],
         }
     }
 
@@ -747,6 +753,10 @@ impl Worker {
     fn process_burst(&mut self, n: usize, in_port: u32) {
         let shared = Arc::clone(&self.shared);
         self.now = shared.start.elapsed();
+        // The caches may have changed since the last burst (revalidation).
+        for r in self.recent.iter_mut() {
+            r.1 = None;
+        }
         {
             let mut ct = CtLocks::new(&shared.conntrack);
             for i in 0..n {
@@ -797,11 +807,27 @@ impl Worker {
         }
     }
 
-    fn lookup(&mut self, key: &FlowKey) -> ActRef {
+    /// The actions for `key` on pass `pass` of a packet. Consecutive packets of
+    /// one flow in a burst share one lookup: each pass remembers its last key.
+    fn lookup(&mut self, key: &FlowKey, pass: usize) -> ActRef {
+        if let Some((k, Some(r))) = self.recent.get(pass) {
+            if k.same(key) {
+                self.local.emc_hits += 1;
+                return *r;
+            }
+        }
+        let r = self.lookup_caches(key);
+        if let Some(slot) = self.recent.get_mut(pass) {
+            *slot = (*key, Some(r));
+        }
+        r
+    }
+
+    fn lookup_caches(&mut self, key: &FlowKey) -> ActRef {
         let h = key.hash();
         let slot = (h as usize) & (EMC_SIZE - 1);
         let e = &self.emc[slot];
-        if e.valid && e.hash == h && e.key == *key {
+        if e.valid && e.hash == h && e.key.same(key) {
             if let Some(Some(_)) = self.mf.flows.get(e.flow as usize) {
                 self.local.emc_hits += 1;
                 return ActRef::Flow(e.flow);
@@ -887,8 +913,8 @@ impl Worker {
 
     fn execute(&mut self, i: usize, mut key: FlowKey, mut layout: Layout, ct: &mut CtLocks<'_>) {
         let in_port = key.in_port;
-        'passes: for _ in 0..MAX_RECIRC {
-            let r = self.lookup(&key);
+        'passes: for pass in 0..MAX_RECIRC {
+            let r = self.lookup(&key, pass);
             let n = self.actions_len(r);
             for j in 0..n {
                 let last = j + 1 == n;
@@ -1036,6 +1062,13 @@ impl Worker {
     /// Sends what the burst staged: per output port one lock, one burst call
     /// (one ring publish and at most one notification), one counter update.
     fn transmit(&mut self) {
+        let Some(first) = self.tx.first().map(|e| e.port) else { return };
+        if self.tx.iter().all(|e| e.port == first) {
+            self.send_port(first, 0);
+            self.tx.clear();
+            self.ncopies = 0;
+            return;
+        }
         let mut k = 0;
         while k < self.tx.len() {
             let port = self.tx[k].port;

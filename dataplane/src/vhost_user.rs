@@ -323,6 +323,8 @@ pub struct VhostUserPort {
     empty_since: [Option<std::time::Instant>; MAX_QUEUE_PAIRS as usize],
     /// The guest's memory as host pointers.
     map: GuestMap,
+    /// Per transmit vring: empty polls since it last had packets.
+    empty_polls: [u32; MAX_QUEUE_PAIRS as usize],
 }
 
 // SAFETY: the raw pointers in `map` point into guest memory mappings that `map`
@@ -373,6 +375,7 @@ impl VhostUserPort {
             kicks_on: [true; MAX_QUEUE_PAIRS as usize],
             empty_since: [None; MAX_QUEUE_PAIRS as usize],
             map: GuestMap::default(),
+            empty_polls: [0; MAX_QUEUE_PAIRS as usize],
         })
     }
 
@@ -553,6 +556,8 @@ struct GuestMap {
     regions: Vec<Region>,
     last: usize,
     generation: u64,
+    /// Per vring: the ring addresses and size last translated, and the result.
+    rings: Vec<Option<((u64, u64, u64, u16), Ring)>>,
 }
 
 impl GuestMap {
@@ -567,6 +572,7 @@ impl GuestMap {
         self.mem = Some(mem);
         self.last = 0;
         self.generation = generation;
+        self.rings.clear();
     }
 
     fn clear(&mut self) {
@@ -620,7 +626,22 @@ impl GuestMap {
 
     /// The host view of a queue's three rings, or None when they are not
     /// mapped, not aligned as virtio requires, or the size is not a power of two.
-    fn ring(&mut self, q: &virtio_queue::Queue) -> Option<Ring> {
+    fn ring(&mut self, vring: usize, q: &virtio_queue::Queue) -> Option<Ring> {
+        let id = (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
+        if let Some(Some((cached, r))) = self.rings.get(vring) {
+            if *cached == id {
+                return Some(*r);
+            }
+        }
+        let r = self.translate_ring(q)?;
+        if self.rings.len() <= vring {
+            self.rings.resize(vring + 1, None);
+        }
+        self.rings[vring] = Some((id, r));
+        Some(r)
+    }
+
+    fn translate_ring(&mut self, q: &virtio_queue::Queue) -> Option<Ring> {
         let size = q.size();
         if size == 0 || !size.is_power_of_two() {
             return None;
@@ -637,6 +658,7 @@ impl GuestMap {
 /// A split virtqueue's rings as host pointers (valid while the [`GuestMap`]
 /// they came from holds its mapping). All accesses are volatile: the guest
 /// writes these rings concurrently.
+#[derive(Clone, Copy)]
 struct Ring {
     desc: *mut u8,
     avail: *mut u8,
@@ -758,7 +780,7 @@ impl VhostUserPort {
             return n;
         }
         let queue = st.get_queue_mut();
-        let Some(ring) = self.map.ring(queue) else { return n };
+        let Some(ring) = self.map.ring(2 * q + 1, queue) else { return n };
         let (mut next_avail, mut next_used) = (queue.next_avail(), queue.next_used());
         let pending = ring.avail_idx().wrapping_sub(next_avail);
         let take = if pending > ring.size { 0 } else { (pending as usize).min(bufs.len() - n) };
@@ -796,8 +818,10 @@ impl VhostUserPort {
                 let _ = st.signal_used_queue();
             }
         } else if !self.kicks_on[q] {
+            // Look at the clock only every 64 empty polls: a poll is far shorter.
+            self.empty_polls[q] = self.empty_polls[q].wrapping_add(1);
             let since = *self.empty_since[q].get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= KICK_AFTER_IDLE {
+            if self.empty_polls[q] % 64 == 0 && since.elapsed() >= KICK_AFTER_IDLE {
                 // Idle: ask for kicks again so that a sleeping worker wakes.
                 // Buffers the guest added before it saw the flag would get
                 // no kick, so wake ourselves for them.
@@ -841,7 +865,7 @@ impl VhostUserPort {
             return 0;
         }
         let queue = st.get_queue_mut();
-        let Some(ring) = self.map.ring(queue) else { return 0 };
+        let Some(ring) = self.map.ring(2 * q, queue) else { return 0 };
         let (mut next_avail, mut next_used) = (queue.next_avail(), queue.next_used());
         let first_used = next_used;
         let mut avail_idx = ring.avail_idx();
