@@ -98,7 +98,8 @@ impl TestVm {
         let end = Instant::now() + Duration::from_secs(secs);
         loop {
             let t = self.console_text();
-            if t.contains(needle) {
+            // The guest prints slowly: wait until the line holding the needle is complete.
+            if line_done(&t, needle) {
                 return t;
             }
             if let Some(c) = self.child.as_mut() {
@@ -286,3 +287,8 @@ impl Drop for HugePages {
     }
 }
 
+
+/// Whether `text` holds `needle` followed, somewhere after it, by the end of its line.
+fn line_done(text: &str, needle: &str) -> bool {
+    text.find(needle).is_some_and(|at| text[at + needle.len()..].contains('\n'))
+}
