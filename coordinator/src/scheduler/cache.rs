@@ -120,15 +120,29 @@ impl ProviderCache {
         }
     }
 
-    /// Visits up to `limit` host trees (root first, then its descendants),
-    /// starting at host number `start` and wrapping around, until `visit`
-    /// returns `false`. Holds the read lock only while collecting each batch.
-    pub fn scan(&self, start: usize, mut visit: impl FnMut(&[CachedProvider]) -> bool) {
+    /// Visits every host tree (root first, then its descendants) once, in an
+    /// order drawn from `seed`: a random first host and a random stride
+    /// coprime with the number of hosts, until `visit` returns `false`. The
+    /// hosts one request samples are thus scattered over the site rather
+    /// than a run of neighbours, so concurrent requests (here and on other
+    /// replicas) rarely sample, and race for, the same hosts. Holds the read
+    /// lock for the scan.
+    pub fn scan(&self, seed: u64, mut visit: impl FnMut(&[CachedProvider]) -> bool) {
         let inner = self.inner.read().unwrap();
         let n = inner.roots.len();
+        if n == 0 {
+            return;
+        }
+        let start = (seed % n as u64) as usize;
+        let mut stride = 1 + ((seed >> 32) % n as u64) as usize;
+        while gcd(stride, n) != 1 {
+            stride += 1;
+        }
         let mut tree = Vec::with_capacity(8);
-        for i in 0..n {
-            let root = inner.roots[(start + i) % n];
+        let mut at = start;
+        for _ in 0..n {
+            let root = inner.roots[at];
+            at = (at + stride) % n;
             tree.clear();
             collect_tree(&inner, &root, &mut tree);
             if tree.is_empty() {
@@ -147,6 +161,13 @@ impl ProviderCache {
         collect_tree(&inner, root, &mut tree);
         tree
     }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 fn collect_tree(inner: &Inner, root: &Uuid, out: &mut Vec<CachedProvider>) {

@@ -1,8 +1,8 @@
 //! The scheduler library: filters, weighers and the claim transaction.
 //!
 //! A [`Scheduler`] keeps every resource provider in a watch-fed cache
-//! ([`cache::ProviderCache`]). To place a request it scans hosts from a
-//! random starting point, runs the [`filters`] on each, fits the request into
+//! ([`cache::ProviderCache`]). To place a request it scans hosts in a
+//! random order (random start and stride), runs the [`filters`] on each, fits the request into
 //! the host's provider tree ([`fit`]) and weighs the fit ([`weighers`]) until
 //! it has `sample_size` candidates (as kube-scheduler stops after enough
 //! feasible nodes, so a request costs the same at 100 or 10,000 hosts). It
@@ -91,7 +91,7 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { strategy: Strategy::Spread, sample_size: 32, host_subset_size: 4, max_rounds: 8 }
+        Self { strategy: Strategy::Spread, sample_size: 32, host_subset_size: 8, max_rounds: 8 }
     }
 }
 
@@ -152,11 +152,10 @@ impl Scheduler {
             return Err(ScheduleError::NoValidHost("There are no hosts.".into()));
         }
         let mut rng = rand::thread_rng();
-        let start = rng.gen_range(0..hosts);
         let mut rejected = vec![0usize; self.filters.len()];
         let mut unfit = 0usize;
         let mut out: Vec<(f64, Uuid)> = Vec::with_capacity(self.config.sample_size);
-        self.cache.scan(start, |tree| {
+        self.cache.scan(rng.gen(), |tree| {
             let status = self.hosts.status(tree[0].value.uuid);
             let view = filters::HostView { tree, status: status.as_ref() };
             if let Some(i) = self.filters.iter().position(|f| !f.implied_by_fit() && !f.passes(&view, req)) {
