@@ -334,6 +334,31 @@ impl Dataplane {
         Ok(no)
     }
 
+    /// Opens the VXLAN port with encapsulation done in the datapath: frames go
+    /// out of (and come in through) an AF_PACKET ring on underlay interface
+    /// `ifname`, whose address is `local`. Remote endpoints' MACs come from
+    /// the kernel's neighbour table of that namespace, read now.
+    pub fn add_vxlan_underlay(&self, local: Ipv4Addr, ifname: &str, netns: Option<&Path>) -> Result<u32, ControlError> {
+        let sock = crate::ports::AfPacket::open(ifname, netns)?;
+        let name = ifname.to_string();
+        let (mac, neighbors) = crate::ports::in_netns(netns, move || Ok((crate::ports::interface_mac(&name)?, crate::ports::read_neighbors())))?;
+        self.add_vxlan_underlay_port(local, Box::new(sock), mac, neighbors, ifname)
+    }
+
+    /// Opens the VXLAN port with encapsulation done in the datapath over any
+    /// frame port (a DPDK NIC, for instance) that owns underlay address
+    /// `local` with MAC `mac`; `neighbors` are the remote endpoints' (or next
+    /// hops') MACs. `name` is what `show ports` calls the underlay.
+    pub fn add_vxlan_underlay_port(&self, local: Ipv4Addr, port: Box<dyn crate::ports::BurstPort>, mac: [u8; 6], neighbors: Vec<(Ipv4Addr, [u8; 6])>, name: &str) -> Result<u32, ControlError> {
+        let u = crate::ports::VxlanUnderlay::new(port, local, mac, neighbors);
+        let no = self.inner.engine.add_port("vxlan", PortKind::Underlay(u));
+        let mut s = self.inner.state.lock().expect("state lock");
+        s.host.tunnel_port = Some(no);
+        s.roles.insert(no, Role { kind: "tunnel", what: Some(format!("{local} on {name}")) });
+        self.inner.recompile(&mut s)?;
+        Ok(no)
+    }
+
     /// Serves 169.254.169.254:80 for local ports with `handler` (replacing an
     /// earlier handler). See [`crate::metadata`].
     pub fn set_metadata_handler(&self, handler: Arc<dyn MetadataHandler>) -> Result<(), ControlError> {

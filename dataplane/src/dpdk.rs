@@ -26,6 +26,7 @@ struct RteMbuf {
 
 extern "C" {
     fn dp_eal_init(argc: c_int, argv: *mut *mut c_char) -> c_int;
+    fn dp_thread_register() -> c_int;
     fn dp_pool_create(name: *const c_char, n: u32) -> *mut RteMempool;
     fn dp_vdev_create(name: *const c_char, args: *const c_char) -> c_int;
     fn dp_port_by_name(name: *const c_char, port: *mut u16) -> c_int;
@@ -110,6 +111,24 @@ impl Eal {
 }
 
 const BURST: usize = 32;
+
+thread_local! {
+    static REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Registers the calling thread with the EAL once: a thread DPDK did not
+/// start has no lcore id, and without one every mbuf allocation and free
+/// goes to the shared pool ring instead of the per-lcore cache.
+fn register_thread() {
+    REGISTERED.with(|r| {
+        if !r.get() {
+            r.set(true);
+            // SAFETY: the EAL is initialised (an EthPort exists); registering only
+            // assigns this thread an lcore id. A failure (no free id) leaves it uncached.
+            unsafe { dp_thread_register() };
+        }
+    });
+}
 
 /// A DPDK ethdev as a datapath port: frames are copied between mbufs and the
 /// engine's buffers; transmissions are batched until [`BurstPort::flush`].
@@ -202,6 +221,7 @@ impl EthPort {
 
 impl BurstPort for EthPort {
     fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
+        register_thread();
         let want = bufs.len().min(BURST);
         let mut mbufs = [std::ptr::null_mut::<RteMbuf>(); BURST];
         // SAFETY: mbufs has room for `want` pointers.
@@ -222,6 +242,7 @@ impl BurstPort for EthPort {
     }
 
     fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+        register_thread();
         let mut sent = 0;
         for f in frames {
             if self.queue(f) {

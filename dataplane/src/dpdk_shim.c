@@ -10,6 +10,9 @@
 
 int dp_eal_init(int argc, char **argv) { return rte_eal_init(argc, argv); }
 
+/* Gives the calling (non-EAL) thread an lcore id, so mempool operations use a per-lcore cache. */
+int dp_thread_register(void) { return rte_thread_register(); }
+
 struct rte_mempool *dp_pool_create(const char *name, unsigned n)
 {
     return rte_pktmbuf_pool_create(name, n, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE, rte_socket_id());

@@ -16,7 +16,7 @@ use crate::flow::FlowKey;
 use crate::mac::MacAddr;
 use crate::packet::{self, Layout, ParseError};
 use crate::pipeline::{DpAction, Pipeline, RecircTable, TraceStep, Translation};
-use crate::ports::{AfPacket, Tap, Tunnel};
+use crate::ports::{AfPacket, Encap, Tap, Tunnel};
 
 /// Packets received per port per poll.
 pub const BURST: usize = 32;
@@ -58,6 +58,8 @@ pub enum PortKind {
     Burst(Box<dyn crate::ports::BurstPort>),
     /// An internal tap interface.
     Tap(Tap),
+    /// VXLAN encapsulated by the datapath over a frame port on the underlay.
+    Underlay(crate::ports::VxlanUnderlay),
 }
 
 /// Per-port counters.
@@ -230,6 +232,7 @@ impl Engine {
             PortKind::Tunnel(t) => t.fd(),
             PortKind::Burst(b) => b.fd(),
             PortKind::Tap(t) => t.fd(),
+            PortKind::Underlay(u) => crate::ports::Encap::fd(u),
         };
         let port = Arc::new(Port { name: name.to_string(), io: Mutex::new(kind), fd, counters: PortCounters::default() });
         let mut list = self.shared.ports.write().expect("ports lock");
@@ -711,23 +714,8 @@ impl Worker {
                 }
                 n
             }
-            PortKind::Tunnel(t) => {
-                let mut m = [(0usize, 0u32, Ipv4Addr::UNSPECIFIED); BURST];
-                let n = {
-                    let mut it = bufs.iter_mut();
-                    let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
-                        let b = it.next().expect("BURST buffers");
-                        b.start = HEADROOM;
-                        &mut b.data[HEADROOM..]
-                    });
-                    t.recv_burst(&mut slices, &mut m)
-                };
-                for i in 0..n {
-                    bufs[i].len = m[i].0;
-                    meta[i] = (m[i].1, m[i].2);
-                }
-                n
-            }
+            PortKind::Tunnel(t) => Self::recv_encap(t, bufs, meta),
+            PortKind::Underlay(u) => Self::recv_encap(u, bufs, meta),
             io => {
                 let mut n = 0;
                 while n < BURST {
@@ -746,6 +734,25 @@ impl Worker {
                 n
             }
         }
+    }
+
+    /// Receives a burst of decapsulated frames from a VXLAN port.
+    fn recv_encap(t: &mut dyn Encap, bufs: &mut [Buf], meta: &mut [(u32, Ipv4Addr)]) -> usize {
+        let mut m = [(0usize, 0u32, Ipv4Addr::UNSPECIFIED); BURST];
+        let n = {
+            let mut it = bufs.iter_mut();
+            let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
+                let b = it.next().expect("BURST buffers");
+                b.start = HEADROOM;
+                &mut b.data[HEADROOM..]
+            });
+            t.recv_burst(&mut slices, &mut m)
+        };
+        for i in 0..n {
+            bufs[i].len = m[i].0;
+            meta[i] = (m[i].1, m[i].2);
+        }
+        n
     }
 
     /// Classifies and executes a received burst, then transmits what it
@@ -1121,23 +1128,8 @@ impl Worker {
                         sent += b.send_burst(&frames[..m]);
                     }
                 }
-                PortKind::Tunnel(t) => {
-                    let mut frames: [(&[u8], u32, Ipv4Addr); TX_CHUNK] = [(&[], 0, Ipv4Addr::UNSPECIFIED); TX_CHUNK];
-                    let mut m = 0;
-                    for e in entries {
-                        total += 1;
-                        let Some((vni, remote)) = e.tunnel else { continue };
-                        frames[m] = (frame(e), vni, remote);
-                        m += 1;
-                        if m == TX_CHUNK {
-                            sent += t.send_burst(&frames[..m]);
-                            m = 0;
-                        }
-                    }
-                    if m > 0 {
-                        sent += t.send_burst(&frames[..m]);
-                    }
-                }
+                PortKind::Tunnel(t) => (total, sent) = send_encap(t, entries, frame),
+                PortKind::Underlay(u) => (total, sent) = send_encap(u, entries, frame),
                 PortKind::AfPacket(a) => {
                     for e in entries {
                         total += 1;
@@ -1164,4 +1156,25 @@ impl Worker {
             p.counters.tx_dropped.fetch_add((total - sent) as u64, Ordering::Relaxed);
         }
     }
+}
+
+/// Sends the VXLAN entries among `entries` through `t` in chunks; returns
+/// (frames staged, frames sent).
+fn send_encap<'a>(t: &mut dyn Encap, entries: impl Iterator<Item = &'a TxEntry>, frame: impl Fn(&TxEntry) -> &'a [u8]) -> (usize, usize) {
+    let mut frames: [(&[u8], u32, Ipv4Addr); TX_CHUNK] = [(&[], 0, Ipv4Addr::UNSPECIFIED); TX_CHUNK];
+    let (mut total, mut sent, mut m) = (0, 0, 0);
+    for e in entries {
+        total += 1;
+        let Some((vni, remote)) = e.tunnel else { continue };
+        frames[m] = (frame(e), vni, remote);
+        m += 1;
+        if m == TX_CHUNK {
+            sent += t.send_burst(&frames[..m]);
+            m = 0;
+        }
+    }
+    if m > 0 {
+        sent += t.send_burst(&frames[..m]);
+    }
+    (total, sent)
 }

@@ -529,3 +529,290 @@ pub fn set_ipv4(ifname: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), Port
     r.data = sin(Ipv4Addr::from(mask));
     if_ioctl(libc::SIOCSIFNETMASK, &mut r, "SIOCSIFNETMASK")
 }
+
+/// A VXLAN endpoint as the engine sees it: bursts of inner frames in and out,
+/// each with its VNI and remote endpoint.
+pub trait Encap: Send {
+    /// Receives up to `bufs.len()` inner frames into `bufs`; `meta[i]` is
+    /// (length, VNI, remote endpoint).
+    fn recv_burst(&mut self, bufs: &mut [&mut [u8]], meta: &mut [(usize, u32, Ipv4Addr)]) -> usize;
+    /// Sends inner frames, each to its (VNI, remote); returns how many went.
+    fn send_burst(&mut self, frames: &[(&[u8], u32, Ipv4Addr)]) -> usize;
+    /// A descriptor for poll(2), or -1.
+    fn fd(&self) -> RawFd;
+}
+
+impl Encap for Tunnel {
+    fn recv_burst(&mut self, bufs: &mut [&mut [u8]], meta: &mut [(usize, u32, Ipv4Addr)]) -> usize {
+        Tunnel::recv_burst(self, bufs, meta)
+    }
+    fn send_burst(&mut self, frames: &[(&[u8], u32, Ipv4Addr)]) -> usize {
+        Tunnel::send_burst(self, frames)
+    }
+    fn fd(&self) -> RawFd {
+        Tunnel::fd(self)
+    }
+}
+
+impl BurstPort for AfPacket {
+    fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
+        let mut n = 0;
+        while n < bufs.len() {
+            let Some(l) = self.recv(&mut *bufs[n]) else { break };
+            lens[n] = l;
+            n += 1;
+        }
+        n
+    }
+    fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+        let sent = frames.iter().filter(|f| self.send(f)).count();
+        self.flush();
+        sent
+    }
+    fn fd(&self) -> RawFd {
+        AfPacket::fd(self)
+    }
+}
+
+/// Outer Ethernet + IPv4 + UDP + VXLAN.
+const OUTER_LEN: usize = 14 + 20 + 8 + VXLAN_HEADER_LEN;
+
+/// VXLAN with the encapsulation done in the datapath: we write the outer
+/// Ethernet, IPv4, UDP and VXLAN headers ourselves and move whole frames
+/// through a frame port on the underlay (an AF_PACKET ring on the uplink, or
+/// a DPDK NIC) in bursts, instead of one kernel UDP socket operation per
+/// packet. The next hop of each remote endpoint comes from a neighbour table
+/// given at setup (the kernel's, read by [`read_neighbors`]) or
+/// [`VxlanUnderlay::set_neighbor`].
+pub struct VxlanUnderlay {
+    port: Box<dyn BurstPort>,
+    local_ip: Ipv4Addr,
+    local_mac: [u8; 6],
+    neighbors: Vec<(Ipv4Addr, [u8; 6])>,
+    /// Encapsulation buffers, reused every burst.
+    out: Vec<Box<[u8]>>,
+    ip_id: u16,
+    /// Frames dropped because the remote's MAC was unknown.
+    pub no_neighbor: u64,
+}
+
+impl VxlanUnderlay {
+    /// An endpoint on `local_ip` with MAC `local_mac`, sending through `port`.
+    pub fn new(port: Box<dyn BurstPort>, local_ip: Ipv4Addr, local_mac: [u8; 6], neighbors: Vec<(Ipv4Addr, [u8; 6])>) -> VxlanUnderlay {
+        VxlanUnderlay { port, local_ip, local_mac, neighbors, out: Vec::new(), ip_id: 0, no_neighbor: 0 }
+    }
+
+    /// Sets the underlay MAC of a remote endpoint (or of the next hop toward it).
+    pub fn set_neighbor(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
+        match self.neighbors.iter_mut().find(|(i, _)| *i == ip) {
+            Some(n) => n.1 = mac,
+            None => self.neighbors.push((ip, mac)),
+        }
+    }
+
+    fn neighbor(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        self.neighbors.iter().find(|(i, _)| *i == ip).map(|(_, m)| *m)
+    }
+
+    /// Writes the outer headers for `inner` toward `remote` into `out`; returns the frame length.
+    fn encapsulate(&mut self, out: &mut [u8], inner: &[u8], vni: u32, remote: Ipv4Addr, dst_mac: [u8; 6]) -> Option<usize> {
+        let total = OUTER_LEN + inner.len();
+        if total > out.len() || total - 14 > u16::MAX as usize {
+            return None;
+        }
+        out[0..6].copy_from_slice(&dst_mac);
+        out[6..12].copy_from_slice(&self.local_mac);
+        out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut out[14..34];
+        ip[0] = 0x45;
+        ip[1] = 0;
+        ip[2..4].copy_from_slice(&((total - 14) as u16).to_be_bytes());
+        self.ip_id = self.ip_id.wrapping_add(1);
+        ip[4..6].copy_from_slice(&self.ip_id.to_be_bytes());
+        ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[10..12].copy_from_slice(&[0, 0]);
+        ip[12..16].copy_from_slice(&self.local_ip.octets());
+        ip[16..20].copy_from_slice(&remote.octets());
+        let c = crate::packet::checksum(ip, 0);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        // Source port from the inner addresses: the underlay's ECMP and RSS spread flows.
+        let h = inner.iter().take(38).skip(6).fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(*b as u32));
+        let sport = 49152 + (h % 16384) as u16;
+        let udp = &mut out[34..42];
+        udp[0..2].copy_from_slice(&sport.to_be_bytes());
+        udp[2..4].copy_from_slice(&VXLAN_PORT.to_be_bytes());
+        udp[4..6].copy_from_slice(&((total - 34) as u16).to_be_bytes());
+        udp[6..8].copy_from_slice(&[0, 0]); // no UDP checksum (allowed over IPv4)
+        let mut vx = [0u8; VXLAN_HEADER_LEN];
+        write_vxlan(&mut vx, vni);
+        out[42..OUTER_LEN].copy_from_slice(&vx);
+        out[OUTER_LEN..total].copy_from_slice(inner);
+        Some(total)
+    }
+
+    /// The inner frame's offset, VNI and outer source of a received VXLAN frame for us.
+    fn decapsulate(&self, f: &[u8]) -> Option<(usize, u32, Ipv4Addr)> {
+        if f.len() < OUTER_LEN || f[12..14] != [0x08, 0x00] || f[14] & 0xf0 != 0x40 || f[23] != 17 {
+            return None;
+        }
+        let ihl = (f[14] & 0x0f) as usize * 4;
+        if ihl < 20 || f[30..34] != self.local_ip.octets() || u16::from_be_bytes([f[20], f[21]]) & 0x3fff != 0 {
+            return None;
+        }
+        let udp = 14 + ihl;
+        let vx = udp + 8;
+        if f.len() < vx + VXLAN_HEADER_LEN || u16::from_be_bytes([f[udp + 2], f[udp + 3]]) != VXLAN_PORT {
+            return None;
+        }
+        let vni = parse_vxlan(&f[vx..])?;
+        Some((vx + VXLAN_HEADER_LEN, vni, Ipv4Addr::new(f[26], f[27], f[28], f[29])))
+    }
+}
+
+impl Encap for VxlanUnderlay {
+    fn recv_burst(&mut self, bufs: &mut [&mut [u8]], meta: &mut [(usize, u32, Ipv4Addr)]) -> usize {
+        let n = bufs.len().min(meta.len()).min(TUNNEL_BATCH);
+        let mut lens = [0usize; TUNNEL_BATCH];
+        let got = self.port.recv_burst(&mut bufs[..n], &mut lens[..n]);
+        let mut out = 0;
+        for i in 0..got {
+            let Some((off, vni, remote)) = self.decapsulate(&bufs[i][..lens[i]]) else { continue };
+            let len = lens[i] - off;
+            if out == i {
+                bufs[i].copy_within(off..off + len, 0);
+            } else {
+                let (lo, hi) = bufs.split_at_mut(i);
+                lo[out][..len].copy_from_slice(&hi[0][off..off + len]);
+            }
+            meta[out] = (len, vni, remote);
+            out += 1;
+        }
+        out
+    }
+
+    fn send_burst(&mut self, frames: &[(&[u8], u32, Ipv4Addr)]) -> usize {
+        let mut sent = 0;
+        for chunk in frames.chunks(TUNNEL_BATCH) {
+            while self.out.len() < chunk.len() {
+                self.out.push(vec![0u8; 8192 + OUTER_LEN].into_boxed_slice());
+            }
+            let mut out = std::mem::take(&mut self.out);
+            let mut lens = [0usize; TUNNEL_BATCH];
+            let mut m = 0;
+            for (inner, vni, remote) in chunk {
+                let Some(mac) = self.neighbor(*remote) else {
+                    self.no_neighbor += 1;
+                    continue;
+                };
+                if let Some(l) = self.encapsulate(&mut out[m], inner, *vni, *remote, mac) {
+                    lens[m] = l;
+                    m += 1;
+                }
+            }
+            let refs: [&[u8]; TUNNEL_BATCH] = std::array::from_fn(|i| if i < m { &out[i][..lens[i]] } else { &[][..] });
+            sent += self.port.send_burst(&refs[..m]);
+            self.out = out;
+        }
+        sent
+    }
+
+    fn fd(&self) -> RawFd {
+        self.port.fd()
+    }
+}
+
+/// The MAC of interface `ifname` (in the calling thread's namespace).
+pub fn interface_mac(ifname: &str) -> Result<[u8; 6], PortError> {
+    let mut r = IfReq::new(ifname)?;
+    if_ioctl(libc::SIOCGIFHWADDR, &mut r, "SIOCGIFHWADDR")?;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&r.data[2..8]);
+    Ok(mac)
+}
+
+/// The kernel's IPv4 neighbours that are complete, in the calling thread's
+/// namespace (/proc/thread-self: /proc/net shows the main thread's).
+pub fn read_neighbors() -> Vec<(Ipv4Addr, [u8; 6])> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/arp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ip: Ipv4Addr = f.first()?.parse().ok()?;
+            let flags = u32::from_str_radix(f.get(2)?.trim_start_matches("0x"), 16).ok()?;
+            let mac: crate::mac::MacAddr = f.get(3)?.parse().ok()?;
+            (flags & 0x2 != 0).then_some((ip, mac.0))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod underlay_tests {
+    use super::*;
+
+    /// A frame port that keeps what it is given and hands it back on receive.
+    #[derive(Default)]
+    struct Loop(std::collections::VecDeque<Vec<u8>>);
+
+    impl BurstPort for Loop {
+        fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
+            let mut n = 0;
+            while n < bufs.len() {
+                let Some(f) = self.0.pop_front() else { break };
+                bufs[n][..f.len()].copy_from_slice(&f);
+                lens[n] = f.len();
+                n += 1;
+            }
+            n
+        }
+        fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+            self.0.extend(frames.iter().map(|f| f.to_vec()));
+            frames.len()
+        }
+        fn fd(&self) -> RawFd {
+            -1
+        }
+    }
+
+    #[test]
+    fn encapsulated_frames_come_back_decapsulated() {
+        let a = Ipv4Addr::new(192, 0, 2, 1);
+        let b = Ipv4Addr::new(192, 0, 2, 2);
+        let mut tx = VxlanUnderlay::new(Box::new(Loop::default()), a, [2, 0, 0, 0, 0, 1], vec![(b, [2, 0, 0, 0, 0, 2])]);
+        let inner: Vec<u8> = (0..60u8).collect();
+        let unknown = Ipv4Addr::new(192, 0, 2, 9);
+        assert_eq!(tx.send_burst(&[(&inner, 100, b), (&inner[..20], 7, b), (&inner, 1, unknown)]), 2);
+        assert_eq!(tx.no_neighbor, 1, "no MAC for 192.0.2.9: dropped and counted");
+        // What went onto the wire: outer headers toward b, a valid IPv4 checksum.
+        let wire = tx.port.as_mut();
+        let mut raw = [[0u8; 256]; 2];
+        let mut lens = [0usize; 2];
+        {
+            let [r0, r1] = &mut raw;
+            assert_eq!(wire.recv_burst(&mut [&mut r0[..], &mut r1[..]], &mut lens), 2);
+        }
+        let f = &raw[0][..lens[0]];
+        assert_eq!(lens[0], OUTER_LEN + 60);
+        assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 2]);
+        assert_eq!(&f[30..34], &b.octets());
+        assert_eq!(crate::packet::checksum(&f[14..34], 0), 0);
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), VXLAN_PORT);
+        // Received by b's endpoint: the inner frames, their VNIs and the sender.
+        let mut rx = VxlanUnderlay::new(Box::new(Loop(raw.iter().zip(lens).map(|(r, l)| r[..l].to_vec()).collect())), b, [2, 0, 0, 0, 0, 2], vec![]);
+        let mut bufs = [[0u8; 256]; 2];
+        let mut meta = [(0usize, 0u32, Ipv4Addr::UNSPECIFIED); 2];
+        let n = {
+            let [b0, b1] = &mut bufs;
+            rx.recv_burst(&mut [&mut b0[..], &mut b1[..]], &mut meta)
+        };
+        assert_eq!(n, 2);
+        assert_eq!((meta[0], &bufs[0][..60]), ((60, 100, a), &inner[..]));
+        assert_eq!((meta[1], &bufs[1][..20]), ((20, 7, a), &inner[..20]));
+        // An endpoint with another address ignores them.
+        let mut other = VxlanUnderlay::new(Box::new(Loop(raw.iter().zip(lens).map(|(r, l)| r[..l].to_vec()).collect())), unknown, [0; 6], vec![]);
+        let [b0, b1] = &mut bufs;
+        assert_eq!(other.recv_burst(&mut [&mut b0[..], &mut b1[..]], &mut meta), 0);
+    }
+}

@@ -246,6 +246,8 @@ struct Bench {
     seconds: f64,
     /// Nice value given to the datapath thread and the sender (the same for ours and OVS).
     nice: i32,
+    /// Namespace of our VXLAN underlay veth (used without the `dpdk` feature).
+    #[cfg_attr(feature = "dpdk", allow(dead_code))]
     netns: String,
     ovs_netns: String,
 }
@@ -295,7 +297,7 @@ impl Bench {
         let sock = |id: &str| self.dir.join(format!("ours-{}-{id}.sock", sc.key()));
         let a = dp.add_vhost_user_port("vm1", &VhostUserConfig::new(sock("vm1")))?;
         let b = if sc == Scenario::Vxlan {
-            dp.add_tunnel(Ipv4Addr::new(192, 0, 2, 1), Some(&PathBuf::from(format!("/run/netns/{}", self.netns))))?
+            self.underlay(&dp)?
         } else {
             dp.add_vhost_user_port("vm2", &VhostUserConfig::new(sock("vm2")))?
         };
@@ -348,6 +350,28 @@ impl Bench {
             bail!("no traffic reached our datapath: {:?}\n{}", after, tx.tail());
         }
         Ok(Sample { rx_pps, out_pps, delivered_pps, offered_pps: offered, cycles, note })
+    }
+
+    /// Our VXLAN port. With the `dpdk` feature: encapsulated by our datapath
+    /// onto a DPDK null device, the same "NIC" OVS-DPDK sends into. Without
+    /// it: onto an AF_PACKET ring on the underlay veth (the kernel's veth
+    /// path then costs more per packet than the datapath).
+    fn underlay(&self, dp: &Dataplane) -> Result<u32> {
+        let local = Ipv4Addr::new(192, 0, 2, 1);
+        #[cfg(feature = "dpdk")]
+        {
+            use dataplane::dpdk::{Eal, EthPort};
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let prefix = format!("--file-prefix=dpvbenchours{}", std::process::id());
+            Eal::init(&["bench-dataplane", "--no-huge", "-m", "256", "--no-pci", "--no-shconf", "--lcores=0@(0-1)", &prefix, "--log-level=lib.eal:error"], 8192)?;
+            let port = EthPort::open(&format!("net_null{}", 100 + NEXT.fetch_add(1, Ordering::Relaxed)), Some("no-rx=1"))?;
+            Ok(dp.add_vxlan_underlay_port(local, Box::new(port), [2, 0, 0, 0, 0, 1], vec![(Ipv4Addr::new(192, 0, 2, 2), [2, 0, 0, 0, 0, 2])], "net_null")?)
+        }
+        #[cfg(not(feature = "dpdk"))]
+        {
+            Ok(dp.add_vxlan_underlay(local, "und0", Some(&PathBuf::from(format!("/run/netns/{}", self.netns))))?)
+        }
     }
 
     /// OVS with DPDK carrying the same pipeline, rendered to OpenFlow.
@@ -452,7 +476,7 @@ impl Bench {
             Ok(())
         };
         vsctl(&["--may-exist", "add-br", "brbphy", "--", "set", "bridge", "brbphy", "datapath_type=netdev", "fail_mode=secure"])?;
-        vsctl(&["--may-exist", "add-port", "brbphy", "null0", "--", "set", "Interface", "null0", "type=dpdk", "options:dpdk-devargs=net_null0,no-rx=1", "ofport_request=1"])?;
+        vsctl(&["--may-exist", "add-port", "brbphy", "null0", "--", "set", "Interface", "null0", "type=dpdk", "options:dpdk-devargs=net_null0,no-rx=1", "ofport_request=1", "mtu_request=1600"])?;
         let ns = |args: &[&str]| Command::new("ip").args(["netns", "exec", &self.ovs_netns]).args(args).status();
         let mut t = Instant::now();
         while ns(&["ip", "link", "set", "brbphy", "up"]).map(|s| !s.success()).unwrap_or(true) {
@@ -663,6 +687,9 @@ impl Netns {
         }
         run(&["-n", name, "link", "add", "und0", "type", "veth", "peer", "name", "und1"])?;
         run(&["-n", name, "addr", "add", "192.0.2.1/24", "dev", "und0"])?;
+        // Room for a 1518-byte frame plus 50 bytes of VXLAN headers.
+        run(&["-n", name, "link", "set", "und0", "mtu", "9000"])?;
+        run(&["-n", name, "link", "set", "und1", "mtu", "9000"])?;
         run(&["-n", name, "link", "set", "und0", "up"])?;
         run(&["-n", name, "link", "set", "und1", "up"])?;
         run(&["-n", name, "neigh", "add", "192.0.2.2", "lladdr", "02:00:00:00:00:02", "dev", "und0"])?;
