@@ -661,3 +661,26 @@ mod tests {
         assert_eq!(k.ct_state & ct_state::INVALID, ct_state::INVALID);
     }
 }
+
+#[cfg(test)]
+mod hash_tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    /// Tuples that differ only in the last bytes of the destination address
+    /// (as 10,000 flows to 10.253.x.y do) must spread over a table's buckets.
+    #[test]
+    fn tuples_differing_in_address_high_bits_spread() {
+        let build = BuildHasherDefault::<KeyHasher>::default();
+        let mut buckets = std::collections::HashSet::new();
+        for i in 0..4096u32 {
+            let mut dst = [0u8; 16];
+            dst[10..12].copy_from_slice(&[0xff, 0xff]);
+            dst[12..16].copy_from_slice(&[10, 253, (i >> 8) as u8, i as u8]);
+            let t = Tuple { zone: 3, proto: proto::UDP, src: dst, dst, sport: 9, dport: 9 };
+            buckets.insert(build.hash_one(t) & 4095);
+        }
+        // Uniform hashing fills about 63% of 4096 buckets with 4096 keys.
+        assert!(buckets.len() > 2000, "only {} of 4096 buckets used", buckets.len());
+    }
+}

@@ -33,8 +33,16 @@ pub struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
-        // Fold the well-mixed high half into the low bits hash tables index by.
-        self.0 ^ (self.0 >> 32)
+        // A multiply only carries a word's bits upward, so keys that differ in
+        // their high bits (IPv4 addresses sit in the top half of a word) would
+        // share the low bits a table indexes by. A full avalanche (MurmurHash3's
+        // 64-bit finalizer) moves every input bit into the low bits.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
