@@ -117,6 +117,12 @@ async fn check_no_overcommit(store: &dyn Store, placed: usize) {
             let seen = from_consumers.get(&p.uuid).and_then(|m| m.get(class)).copied().unwrap_or(0);
             assert_eq!(used, seen, "{} {class}: provider and consumer records disagree", p.name);
         }
+        // The provider's allocation index holds exactly the consumers' shares of it.
+        let indexed = db::provider_allocations(store, p).await.unwrap();
+        let expected: BTreeMap<Uuid, BTreeMap<String, u64>> =
+            consumers.iter().filter_map(|c| c.allocations.get(&p.uuid).map(|a| (c.uuid, a.clone()))).collect();
+        assert_eq!(indexed, expected, "{}: allocation index and consumer records disagree", p.name);
+        assert_eq!(p.consumers, expected.len() as u64, "{}: consumer count", p.name);
         if p.free("VCPU") < 3 || p.free("MEMORY_MB") < 2048 {
             full += 1;
         }
