@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use model::agent_api::{
-    DesiredState, EnrolRequest, EnrolResponse, HeartbeatResponse, HostCredential, InventoryAccepted, InventoryReport, ObservedRecord,
+    DesiredState, EnrolRequest, EnrolResponse, HeartbeatResponse, HostCredential, HostLoad, InventoryAccepted, InventoryReport, ObservedRecord,
     ObservedReport, AGENT_API_PREFIX,
 };
 use model::inventory::HostInventory;
@@ -82,9 +82,9 @@ impl Client {
         self.send(self.http.post(format!("{}/hosts/{}/heartbeat", self.base, self.host_id())).timeout(Duration::from_secs(10))).await
     }
 
-    /// Reports the host's inventory.
-    pub async fn report_inventory(&self, inventory: &HostInventory) -> Result<InventoryAccepted, ClientError> {
-        let body = InventoryReport { inventory: inventory.clone() };
+    /// Reports the host's inventory, with its uptime and load now if known.
+    pub async fn report_inventory(&self, inventory: &HostInventory, load: Option<HostLoad>) -> Result<InventoryAccepted, ClientError> {
+        let body = InventoryReport { inventory: inventory.clone(), load };
         self.send(self.http.put(format!("{}/hosts/{}/inventory", self.base, self.host_id())).json(&body).timeout(Duration::from_secs(30))).await
     }
 

@@ -9,10 +9,13 @@
 //! - Instance pool: `statvfs(2)` of its directory.
 //! - CPU features: `flags` of `<proc>/cpuinfo`, mapped to os-traits names.
 //! - SR-IOV: `<sys>/class/net/*/device/{sriov_totalvfs,sriov_numvfs,virtfn*}`.
+//! - Uptime and load (sent with each report, not part of the inventory):
+//!   `<proc>/uptime`, `<proc>/loadavg`, and the users logged in per utmp.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use model::agent_api::HostLoad;
 use model::inventory::{DiskPool, HostInventory, HugepagePool, NumaNode, SriovPf, SriovVf};
 
 /// Where to look and what the operator told us.
@@ -248,6 +251,33 @@ fn kernel_hostname(proc_: &Path) -> String {
     std::fs::read_to_string(proc_.join("sys/kernel/hostname")).map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }
 
+/// Where utmp is on this host.
+pub const UTMP: &str = "/run/utmp";
+
+/// Uptime and load averages now, from `<proc>/uptime` and `<proc>/loadavg`, with the
+/// users logged in per `utmp`; `None` when procfs does not have them.
+pub fn load(proc_: &Path, utmp: &Path) -> Option<HostLoad> {
+    let uptime = std::fs::read_to_string(proc_.join("uptime")).ok()?;
+    let uptime_secs = uptime.split_whitespace().next()?.parse::<f64>().ok()?;
+    let loadavg = std::fs::read_to_string(proc_.join("loadavg")).ok()?;
+    let mut fields = loadavg.split_whitespace().map(|f| f.parse::<f64>().ok());
+    let load_average = [fields.next()??, fields.next()??, fields.next()??];
+    Some(HostLoad { uptime_secs: uptime_secs.max(0.0) as u64, load_average, users: utmp_users(utmp) })
+}
+
+/// Users logged in: USER_PROCESS records of utmp (glibc's 384-byte records on Linux),
+/// 0 when there is no utmp, as `uptime(1)` counts them.
+pub fn utmp_users(path: &Path) -> u32 {
+    const RECORD: usize = 384;
+    const USER_PROCESS: i16 = 7;
+    let Ok(bytes) = std::fs::read(path) else { return 0 };
+    bytes
+        .chunks_exact(RECORD)
+        // ut_type is a short at offset 0, ut_user starts at offset 44.
+        .filter(|r| i16::from_ne_bytes([r[0], r[1]]) == USER_PROCESS && r[44] != 0)
+        .count() as u32
+}
+
 /// Discovers the host's inventory.
 pub fn discover(cfg: &DiscoveryConfig) -> Result<HostInventory, DiscoveryError> {
     let sys = &cfg.sysfs_root;
@@ -339,6 +369,23 @@ mod tests {
         assert_eq!(inv.numa_nodes[0].memory_mb, 2048);
         assert_eq!(inv.instance_pool, None);
         assert!(inv.sriov_pfs.is_empty());
+    }
+
+    #[test]
+    fn uptime_load_and_users_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path(), &dir.path().join("utmp")), None);
+        std::fs::write(dir.path().join("uptime"), "90061.52 170000.00\n").unwrap();
+        std::fs::write(dir.path().join("loadavg"), "0.20 0.16 0.11 1/123 4567\n").unwrap();
+        let mut utmp = vec![0u8; 384 * 3];
+        for (i, kind) in [(0usize, 2i16), (1, 7), (2, 7)] {
+            utmp[i * 384..i * 384 + 2].copy_from_slice(&kind.to_ne_bytes());
+            utmp[i * 384 + 44] = b'u';
+        }
+        std::fs::write(dir.path().join("utmp"), &utmp).unwrap();
+        let l = load(dir.path(), &dir.path().join("utmp")).unwrap();
+        assert_eq!(l, HostLoad { uptime_secs: 90061, load_average: [0.20, 0.16, 0.11], users: 2 });
+        assert_eq!(utmp_users(&dir.path().join("missing")), 0);
     }
 
     #[test]

@@ -167,7 +167,8 @@ async fn run_forever(cfg: &Config) -> Result<(), AgentError> {
     // The inventory last accepted; a refused report (say, less than is allocated) is
     // retried at the next check while the host keeps heartbeating.
     let mut reported: Option<HostInventory> = None;
-    match patiently("inventory report", || client.report_inventory(&inventory)).await {
+    let load = || discovery::load(&disc.procfs_root, std::path::Path::new(discovery::UTMP));
+    match patiently("inventory report", || client.report_inventory(&inventory, load())).await {
         Ok(accepted) => {
             tracing::info!(providers = accepted.providers.len(), cpus = inventory.cpu_count(), memory_mb = inventory.memory_mb, "inventory reported");
             reported = Some(inventory);
@@ -203,7 +204,7 @@ async fn run_forever(cfg: &Config) -> Result<(), AgentError> {
             _ = recheck.tick() => {
                 let now = discover(&disc, &host_ip).await?;
                 if reported.as_ref() != Some(&now) {
-                    match client.report_inventory(&now).await {
+                    match client.report_inventory(&now, load()).await {
                         Ok(_) => {
                             tracing::info!("inventory reported");
                             reported = Some(now);

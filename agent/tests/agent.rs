@@ -101,6 +101,9 @@ async fn agent_enrols_reports_goes_down_when_killed_and_comes_back_as_the_same_h
     let token = coordinator::hosts::create_join_token(store.as_ref(), 600, None).await.unwrap();
 
     host_fixture(dir.path());
+    // Uptime and load averages, as procfs shows them (the shared fixture has none).
+    std::fs::write(dir.path().join("host/proc/uptime"), "93784.25 180000.00\n").unwrap();
+    std::fs::write(dir.path().join("host/proc/loadavg"), "0.75 0.50 0.25 2/345 6789\n").unwrap();
     // First start: enrol with the token, report the fixture host's inventory, heartbeat.
     let agent = AgentProc::start(&site.url, dir.path(), Some(&token), "agent-1.log");
     wait_until("host enrolled and up", Duration::from_secs(30), &agent, || async {
@@ -125,6 +128,12 @@ async fn agent_enrols_reports_goes_down_when_killed_and_comes_back_as_the_same_h
     let pf = named("edge-e2e_PF_ens1f0");
     assert_eq!(pf.inventories["SRIOV_NET_VF"].total, 2);
     assert!(pf.traits.contains("CUSTOM_PHYSNET_PHYSNET1"));
+
+    // The report carried the host's uptime and load, which the hypervisor uptime shows.
+    let kv = store.get(&format!("/hosts/inventory/{host_id}")).await.unwrap().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(report["load"]["uptime_secs"], 93784, "{report}");
+    assert_eq!(report["load"]["load_average"], serde_json::json!([0.75, 0.5, 0.25]), "{report}");
 
     // The operator creates two more VFs: the agent notices and re-reports.
     let numvfs = dir.path().join("host/sys/devices/pci0000:00/0000:00:02.0/0000:03:00.0/sriov_numvfs");

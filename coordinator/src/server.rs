@@ -50,7 +50,8 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, store::StoreE
 pub async fn build_state(config: Config, store: Arc<dyn Store>) -> Result<AppState, StartError> {
     let config = Arc::new(config);
     let identity = Identity::new(store.clone(), config.clone()).await.map_err(|e| StartError::Identity(e.to_string()))?;
-    Ok(AppState { store, config, identity: Arc::new(identity), metrics: Arc::new(Metrics::default()) })
+    let hosts = crate::hosts::cache::ReplicaCache::start(store.clone());
+    Ok(AppState { store, config, identity: Arc::new(identity), metrics: Arc::new(Metrics::default()), shutdown: tokio_util_shutdown(), hosts })
 }
 
 /// Every route of the public and agent APIs.
@@ -146,7 +147,7 @@ fn route_label(path: &str) -> String {
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let store = open_store(&config).await?;
     let state = build_state(config.clone(), store).await?;
-    let shutdown = tokio_util_shutdown();
+    let shutdown = state.shutdown.clone();
     crate::hosts::spawn_monitor(state.clone(), shutdown.clone());
     crate::identity::spawn_key_refresh(state.clone(), shutdown.clone());
     let app = router(state);

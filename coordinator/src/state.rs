@@ -15,4 +15,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub identity: Arc<Identity>,
     pub metrics: Arc<Metrics>,
+    /// Flips to `true` when the replica shuts down (long polls end early on it).
+    pub shutdown: Arc<crate::server::Shutdown>,
+    /// Hosts' records and heartbeat leases as this replica sees them (the heartbeat fast path).
+    pub hosts: Arc<crate::hosts::cache::ReplicaCache>,
 }

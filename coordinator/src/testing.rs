@@ -36,7 +36,7 @@ impl TestSite {
         .await
         .expect("bootstrap");
         let state = crate::server::build_state(config, store).await.expect("build state");
-        let shutdown = Arc::new(tokio::sync::watch::channel(false).0);
+        let shutdown = state.shutdown.clone();
         crate::identity::spawn_key_refresh(state.clone(), shutdown.clone());
         crate::hosts::spawn_monitor(state.clone(), shutdown.clone());
         let app = crate::server::router(state.clone());

@@ -388,3 +388,77 @@ async fn the_scheduler_directory_follows_enrolment_heartbeats_and_disabling() {
     assert!(cache.status(uuid::Uuid::new_v4()).is_none());
     assert_eq!(cache.len(), 1);
 }
+
+/// Waits until the replica's host cache accepts `cred` on the fast path.
+async fn cached(s: &TestSite, cred: &HostCredential) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.state.hosts.verify(&cred.host_id, &cred.secret).is_none() {
+        assert!(Instant::now() < deadline, "the host cache never learned host {}", cred.host_id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_use_the_cache_and_a_removed_credential_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = site(&dir, 10).await;
+    let admin = s.admin_token().await;
+    let first = enrol(&s, &join_token(&s, &admin, Some("edge-1")).await, "edge-1").await;
+    let beat = format!("/hosts/{}/heartbeat", first.host_id);
+    let (code, v) = agent(&s, "POST", &beat, Some(&first.authorization()), None).await;
+    assert_eq!((code, &v["renewed"]), (200, &json!(true)), "{v}");
+    cached(&s, &first).await;
+    let (code, v) = agent(&s, "POST", &beat, Some(&first.authorization()), None).await;
+    assert_eq!((code, &v["renewed"]), (200, &json!(false)), "{v}");
+    // Even on the fast path a host reaches only its own heartbeat, and a wrong secret is refused.
+    let other = enrol(&s, &join_token(&s, &admin, None).await, "edge-2").await;
+    let (code, _) = agent(&s, "POST", &format!("/hosts/{}/heartbeat", other.host_id), Some(&first.authorization()), None).await;
+    assert_eq!(code, 403);
+    let wrong = HostCredential { host_id: first.host_id.clone(), secret: "0".repeat(64) };
+    let (code, _) = agent(&s, "POST", &beat, Some(&wrong.authorization()), None).await;
+    assert_eq!(code, 401);
+
+    // Re-enrolment: the old secret fails as soon as the enrolment returned, although the
+    // cache held it with a live lease a moment ago.
+    let again = enrol(&s, &join_token(&s, &admin, Some("edge-1")).await, "edge-1").await;
+    let (code, _) = agent(&s, "POST", &beat, Some(&first.authorization()), None).await;
+    assert_eq!(code, 401, "the old secret still heartbeats");
+    let (code, v) = agent(&s, "POST", &beat, Some(&again.authorization()), None).await;
+    assert_eq!((code, &v["renewed"]), (200, &json!(true)), "{v}");
+    cached(&s, &again).await;
+
+    // Deletion: refused as soon as the delete returned.
+    let (code, _) = s.call("DELETE", &format!("/edge/v1/hosts/{}", again.host_id), Some(&admin), None).await;
+    assert_eq!(code, 204);
+    let (code, _) = agent(&s, "POST", &beat, Some(&again.authorization()), None).await;
+    assert_eq!(code, 401, "a deleted host still heartbeats");
+    assert!(s.state.store.get(&format!("/hosts/alive/{}", again.host_id)).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_desired_state_long_poll_ends_when_the_replica_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = site(&dir, 10).await;
+    let admin = s.admin_token().await;
+    let h = enrol(&s, &join_token(&s, &admin, None).await, "edge-1").await;
+    let path = format!("/hosts/{}/desired", h.host_id);
+    let (_, v) = agent(&s, "GET", &path, Some(&h.authorization()), None).await;
+    let rev = v["revision"].as_i64().unwrap();
+    let poll = {
+        let (url, auth) = (s.url.clone(), h.authorization());
+        let path = format!("{path}?after={rev}&timeout=50");
+        tokio::spawn(async move {
+            let r = reqwest::Client::new().get(format!("{url}/agent/v1{path}")).header("authorization", auth).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap(), Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!poll.is_finished(), "the poll waits while nothing changes");
+    let stopped = Instant::now();
+    s.state.shutdown.send_replace(true);
+    let (code, v, at) = tokio::time::timeout(Duration::from_secs(5), poll).await.expect("the poll ended on shutdown").unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["changed"], false);
+    assert_eq!(v["revision"], rev);
+    println!("long poll answered {:?} after shutdown", at.duration_since(stopped));
+}

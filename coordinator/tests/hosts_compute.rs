@@ -52,7 +52,7 @@ async fn host(s: &TestSite, admin: &str, name: &str, cpus: u32, up: bool) -> Hos
     let r = client
         .put(format!("{}/agent/v1/hosts/{}/inventory", s.url, cred.host_id))
         .header("authorization", cred.authorization())
-        .json(&json!({"inventory": inv}))
+        .json(&json!({"inventory": inv, "load": if up { json!({"uptime_secs": 3 * 86400 + 2 * 3600 + 5 * 60, "load_average": [0.5, 0.25, 0.125], "users": 1}) } else { Value::Null }}))
         .send()
         .await
         .unwrap();
@@ -121,6 +121,13 @@ async fn services_show_hosts_and_enable_disable_at_old_and_new_microversions() {
     assert_eq!(list[0]["zone"], "nova");
     assert!(list[0]["updated_at"].as_str().unwrap().contains('.'), "{}", list[0]["updated_at"]);
     assert!(list[0].get("forced_down").is_none());
+
+    // updated_at is the last heartbeat (served by this replica, just now), not the record's
+    // last change; a host that never heartbeated has none.
+    let updated = time::PrimitiveDateTime::parse(list[0]["updated_at"].as_str().unwrap(), time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond]")).unwrap().assume_utc();
+    let age = time::OffsetDateTime::now_utc() - updated;
+    assert!(age >= time::Duration::ZERO && age < time::Duration::seconds(30), "updated_at {updated} is the last heartbeat");
+    assert_eq!(list[1]["updated_at"], Value::Null, "edge-b never heartbeated: {}", list[1]);
 
     // 2.53: uuid ids; filter by host and binary.
     let (_, _, v) = nova(&s, "GET", "/v2.1/os-services?host=edge-a&binary=nova-compute", &admin, Some("2.53"), None).await;
@@ -215,6 +222,27 @@ async fn hypervisors_show_sizes_and_usage() {
     let (_, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors/edge/search", &admin, None, None).await;
     assert_eq!(v["hypervisors"].as_array().unwrap().len(), 2);
 
+    // Uptime from the host's last report, in uptime(1)'s words; 501 (as Nova says for
+    // drivers without it) for a host that did not report one.
+    let (code, _, v) = nova(&s, "GET", &format!("/v2.1/os-hypervisors/{number}/uptime"), &admin, None, None).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["hypervisor"]["hypervisor_hostname"], "edge-a");
+    let line = v["hypervisor"]["uptime"].as_str().unwrap();
+    assert!(line.ends_with(" up 3 days,  2:05,  1 user,  load average: 0.50, 0.25, 0.12"), "{line}");
+    let (code, _, v) = nova(&s, "GET", &format!("/v2.1/os-hypervisors/{}/uptime", a.host_id), &admin, Some("2.53"), None).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["hypervisor"]["id"], a.host_id.as_str());
+    let (_, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors?hypervisor_hostname_pattern=edge-b", &admin, Some("2.53"), None).await;
+    let b_id = v["hypervisors"][0]["id"].as_str().unwrap().to_string();
+    let (code, _, v) = nova(&s, "GET", &format!("/v2.1/os-hypervisors/{b_id}/uptime"), &admin, Some("2.53"), None).await;
+    assert_eq!(code, 501, "{v}");
+    let (code, _, _) = nova(&s, "GET", "/v2.1/os-hypervisors/999999/uptime", &admin, None, None).await;
+    assert_eq!(code, 404);
+    // No aggregates yet: an honest empty list.
+    let (code, _, v) = nova(&s, "GET", "/v2.1/os-aggregates", &admin, None, None).await;
+    assert_eq!(code, 200);
+    assert_eq!(v, json!({"aggregates": []}));
+
     let (code, _, v) = nova(&s, "GET", "/v2.1/os-hypervisors/statistics", &admin, None, None).await;
     assert_eq!(code, 200);
     assert_eq!(v["hypervisor_statistics"]["count"], 2);
@@ -284,11 +312,13 @@ async fn openstack_cli_lists_and_disables_compute_services() {
         assert!(out.status.success(), "openstack {args:?}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let (services, hypervisors) = tokio::task::spawn_blocking(move || {
+    let (services, hypervisors, shown, shown_b) = tokio::task::spawn_blocking(move || {
         run(&["compute", "service", "set", "--disable", "--disable-reason", "maintenance window", "edge-b", "nova-compute"]);
         let services: Value = serde_json::from_str(&run(&["compute", "service", "list", "--long", "-f", "json"])).unwrap();
         let hypervisors: Value = serde_json::from_str(&run(&["hypervisor", "list", "-f", "json"])).unwrap();
-        (services, hypervisors)
+        let shown: Value = serde_json::from_str(&run(&["hypervisor", "show", "edge-a", "-f", "json"])).unwrap();
+        let shown_b: Value = serde_json::from_str(&run(&["hypervisor", "show", "edge-b", "-f", "json"])).unwrap();
+        (services, hypervisors, shown, shown_b)
     })
     .await
     .unwrap();
@@ -303,4 +333,13 @@ async fn openstack_cli_lists_and_disables_compute_services() {
     assert_eq!(b["Disabled Reason"], "maintenance window");
     let names: Vec<&str> = hypervisors.as_array().unwrap().iter().map(|h| h["Hypervisor Hostname"].as_str().unwrap()).collect();
     assert_eq!(names, ["edge-a", "edge-b"], "{hypervisors}");
+    // `hypervisor show` also reads os-aggregates and the uptime endpoint.
+    assert_eq!(shown["hypervisor_hostname"], "edge-a", "{shown}");
+    assert_eq!(shown["aggregates"], json!([]), "{shown}");
+    assert_eq!(shown["uptime"], "3 days,  2:05", "{shown}");
+    assert_eq!(shown["load_average"], "0.50, 0.25, 0.12", "{shown}");
+    assert_eq!(shown["users"], "1", "{shown}");
+    assert_eq!(shown["service_host"], "edge-a", "{shown}");
+    assert_eq!(shown_b["hypervisor_hostname"], "edge-b", "{shown_b}");
+    assert!(shown_b.get("uptime").is_none(), "edge-b reported no uptime: {shown_b}");
 }

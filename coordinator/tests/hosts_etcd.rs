@@ -91,3 +91,54 @@ async fn two_replicas_on_etcd_share_heartbeats_and_one_monitor_records_history()
     assert_eq!(v["renewed"], true);
     assert!(registry::get(s1.state.store.as_ref(), &cred.host_id).await.unwrap().up);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_removed_through_one_replica_is_refused_at_once_by_the_other() {
+    let Some(etcd) = EtcdServer::start_or_skip() else { return };
+    let s1 = TestSite::start(Arc::new(etcd.store().await.unwrap()), |c| c.hosts.heartbeat_ttl_secs = 10).await;
+    let s2 = TestSite::start(Arc::new(etcd.store().await.unwrap()), |c| c.hosts.heartbeat_ttl_secs = 10).await;
+    let admin = s1.admin_token().await;
+    let enrol = |token: String| {
+        let url = s1.url.clone();
+        async move {
+            let (code, v) = agent(&url, "POST", "/enrol", None, Some(json!({"join_token": token, "hostname": "edge-1"}))).await;
+            assert_eq!(code, 201, "{v}");
+            HostCredential { host_id: v["host_id"].as_str().unwrap().into(), secret: v["secret"].as_str().unwrap().into() }
+        }
+    };
+    let token = |host: Option<&str>| {
+        let (s2, admin, host) = (&s2, admin.clone(), host.map(str::to_string));
+        async move { s2.call("POST", "/edge/v1/join-tokens", Some(&admin), Some(json!({"host": host}))).await.1["token"].as_str().unwrap().to_string() }
+    };
+    // Replica 2 learns the host and its lease (granted through replica 1) from its watch.
+    let cached_on_2 = |c: HostCredential| {
+        let hosts = s2.state.hosts.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while hosts.verify(&c.host_id, &c.secret).is_none() {
+                assert!(Instant::now() < deadline, "replica 2 never cached the host");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let first = enrol(token(Some("edge-1")).await).await;
+    let beat = format!("/hosts/{}/heartbeat", first.host_id);
+    assert_eq!(agent(&s1.url, "POST", &beat, Some(&first), None).await.0, 200);
+    cached_on_2(first.clone()).await;
+    let (code, v) = agent(&s2.url, "POST", &beat, Some(&first), None).await;
+    assert_eq!((code, &v["renewed"]), (200, &json!(false)), "{v}");
+
+    // Re-enrolled through replica 1: replica 2 refuses the old secret at once.
+    let again = enrol(token(Some("edge-1")).await).await;
+    let (code, _) = agent(&s2.url, "POST", &beat, Some(&first), None).await;
+    assert_eq!(code, 401, "replica 2 still took the old secret");
+    let (code, v) = agent(&s2.url, "POST", &beat, Some(&again), None).await;
+    assert_eq!((code, &v["renewed"]), (200, &json!(true)), "{v}");
+    cached_on_2(again.clone()).await;
+
+    // Deleted through replica 1: replica 2 refuses it at once.
+    let (code, _) = s1.call("DELETE", &format!("/edge/v1/hosts/{}", again.host_id), Some(&admin), None).await;
+    assert_eq!(code, 204);
+    let (code, _) = agent(&s2.url, "POST", &beat, Some(&again), None).await;
+    assert_eq!(code, 401, "replica 2 still took a deleted host's heartbeat");
+}

@@ -74,10 +74,25 @@ pub struct HeartbeatResponse {
 }
 
 /// `PUT /agent/v1/hosts/<id>/inventory`: the host's discovered inventory.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InventoryReport {
     /// What the host has.
     pub inventory: HostInventory,
+    /// How long the host has been running and how busy it is, when the report was made
+    /// (absent from agents that do not read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<HostLoad>,
+}
+
+/// Uptime and load of a host at the time of a report, as `uptime(1)` shows them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostLoad {
+    /// Seconds since boot (`/proc/uptime`).
+    pub uptime_secs: u64,
+    /// Load averages over 1, 5 and 15 minutes (`/proc/loadavg`).
+    pub load_average: [f64; 3],
+    /// Logged-in users (USER_PROCESS entries of utmp; 0 without utmp, as `uptime` says).
+    pub users: u32,
 }
 
 /// Answer to an inventory report.

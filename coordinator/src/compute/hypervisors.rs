@@ -18,7 +18,7 @@ use store::record::decode;
 use super::microversion::Microversion;
 use super::require_admin;
 use crate::error::{ApiError, Dialect};
-use crate::hosts::records::InventoryRecord;
+use crate::hosts::records::{self, InventoryRecord};
 use crate::hosts::registry::{self, HostStatus};
 use crate::identity::Auth;
 use crate::placement::db;
@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/os-hypervisors/detail", get(detail))
         .route("/os-hypervisors/statistics", get(statistics))
         .route("/os-hypervisors/{id}", get(show))
+        .route("/os-hypervisors/{id}/uptime", get(uptime))
         .route("/os-hypervisors/{pattern}/search", get(search))
 }
 
@@ -248,6 +249,22 @@ async fn detail(
     Ok(Json(with_links(&state, "hypervisors", list, "/os-hypervisors/detail", next, &q.limit)))
 }
 
+/// The host a hypervisor id names at `version` (a uuid from 2.53, the small integer before).
+async fn find(state: &AppState, version: Microversion, id: &str) -> Result<HostStatus, ApiError> {
+    let not_found = || ApiError::not_found(Dialect::Nova, format!("Hypervisor with ID {id} could not be found."));
+    let host_id = if version.at_least(53) {
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(bad(format!("Invalid uuid {id}")));
+        }
+        id.to_string()
+    } else {
+        let number: i64 = id.parse().map_err(|_| not_found())?;
+        let hosts = registry::list(state.store.as_ref()).await.map_err(|e| e.to_api(Dialect::Nova))?;
+        hosts.into_iter().find(|h| h.number == number).ok_or_else(not_found)?.record.id
+    };
+    registry::get(state.store.as_ref(), &host_id).await.map_err(|_| not_found())
+}
+
 async fn show(
     State(state): State<AppState>,
     Extension(version): Extension<Microversion>,
@@ -255,20 +272,62 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     require_admin(&auth)?;
-    let not_found = || ApiError::not_found(Dialect::Nova, format!("Hypervisor with ID {id} could not be found."));
-    let host_id = if version.at_least(53) {
-        if uuid::Uuid::parse_str(&id).is_err() {
-            return Err(bad(format!("Invalid uuid {id}")));
-        }
-        id.clone()
-    } else {
-        let number: i64 = id.parse().map_err(|_| not_found())?;
-        let hosts = registry::list(state.store.as_ref()).await.map_err(|e| e.to_api(Dialect::Nova))?;
-        hosts.into_iter().find(|h| h.number == number).ok_or_else(not_found)?.record.id
-    };
-    let host = registry::get(state.store.as_ref(), &host_id).await.map_err(|_| not_found())?;
+    let host = find(&state, version, &id).await?;
     let h = load(&state, vec![host]).await?;
     Ok(Json(json!({ "hypervisor": h[0].detail(version) })))
+}
+
+/// `uptime(1)`'s line for a host's last report, e.g.
+/// ` 08:32:11 up 93 days, 18:25,  2 users,  load average: 0.20, 0.16, 0.11`.
+pub fn uptime_line(load: &model::agent_api::HostLoad, at: time::OffsetDateTime) -> String {
+    let up = load.uptime_secs;
+    let (days, hours, mins) = (up / 86400, up % 86400 / 3600, up % 3600 / 60);
+    let mut s = format!(" {:02}:{:02}:{:02} up ", at.hour(), at.minute(), at.second());
+    if days > 0 {
+        s.push_str(&format!("{days} day{}, ", if days == 1 { "" } else { "s" }));
+    }
+    if hours > 0 {
+        s.push_str(&format!("{hours:2}:{mins:02}, "));
+    } else {
+        s.push_str(&format!("{mins} min, "));
+    }
+    let [a, b, c] = load.load_average;
+    s.push_str(&format!(" {} user{},  load average: {a:.2}, {b:.2}, {c:.2}", load.users, if load.users == 1 { "" } else { "s" }));
+    s
+}
+
+/// `GET /os-hypervisors/{id}/uptime`: the host's uptime and load average as of its
+/// agent's last inventory report (the time in the line is the report's, UTC; the agent
+/// reports again when its inventory changes and on every restart). 501, as Nova
+/// answers for drivers without uptime, until the host reported them.
+async fn uptime(
+    State(state): State<AppState>,
+    Extension(version): Extension<Microversion>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&auth)?;
+    let host = find(&state, version, &id).await?;
+    let store_err = |e| ApiError::from_store(Dialect::Nova, e);
+    let report = match state.store.get(&records::inventory_key(&host.record.id)).await.map_err(store_err)? {
+        Some(kv) => Some(decode::<InventoryRecord>(&kv.key, &kv.value).map_err(store_err)?),
+        None => None,
+    };
+    let line = report.as_ref().and_then(|r| {
+        let at = time::OffsetDateTime::parse(&r.reported_at, &time::format_description::well_known::Rfc3339).ok()?;
+        Some(uptime_line(r.load.as_ref()?, at.to_offset(time::UtcOffset::UTC)))
+    });
+    let Some(line) = line else {
+        return Err(ApiError::new(
+            Dialect::Nova,
+            axum::http::StatusCode::NOT_IMPLEMENTED,
+            format!("Host {} has not reported its uptime yet.", host.record.hostname),
+        ));
+    };
+    let h = Hypervisor { host, inventory: None, provider: None };
+    let mut v = h.summary(version);
+    v["uptime"] = json!(line);
+    Ok(Json(json!({ "hypervisor": v })))
 }
 
 async fn search(
@@ -316,4 +375,18 @@ async fn statistics(State(state): State<AppState>, auth: Auth) -> Result<Json<Va
         stats[k] = json!(total);
     }
     Ok(Json(json!({ "hypervisor_statistics": stats })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_lines_read_like_uptime() {
+        let at = time::OffsetDateTime::from_unix_timestamp(8 * 3600 + 32 * 60 + 11).unwrap();
+        let load = |uptime_secs, users| model::agent_api::HostLoad { uptime_secs, load_average: [0.2, 0.16, 0.11], users };
+        assert_eq!(uptime_line(&load(93 * 86400 + 18 * 3600 + 25 * 60, 2), at), " 08:32:11 up 93 days, 18:25,  2 users,  load average: 0.20, 0.16, 0.11");
+        assert_eq!(uptime_line(&load(86400 + 300, 1), at), " 08:32:11 up 1 day, 5 min,  1 user,  load average: 0.20, 0.16, 0.11");
+        assert_eq!(uptime_line(&load(2 * 3600 + 33 * 60, 0), at), " 08:32:11 up  2:33,  0 users,  load average: 0.20, 0.16, 0.11");
+    }
 }

@@ -1,7 +1,8 @@
 //! The compute API (Nova v2.1 dialect), served under `/compute`.
 //!
 //! So far: version discovery (`/compute/`, `/compute/v2.1/`), `os-services` (hosts as
-//! `nova-compute` services, enable/disable with a reason) and `os-hypervisors`.
+//! `nova-compute` services, enable/disable with a reason), `os-hypervisors` (with
+//! uptime) and an empty `os-aggregates`.
 //! Microversions are negotiated per request ([`microversion`]).
 
 use axum::extract::State;
@@ -13,6 +14,7 @@ use crate::error::{ApiError, Dialect};
 use crate::identity::Auth;
 use crate::state::AppState;
 
+pub mod aggregates;
 pub mod hypervisors;
 pub mod microversion;
 pub mod services;
@@ -23,6 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/", get(version_v21))
         .merge(services::routes())
         .merge(hypervisors::routes())
+        .merge(aggregates::routes())
         .layer(axum::middleware::from_fn(microversion::layer));
     Router::new()
         .route("/", get(versions))

@@ -6,7 +6,8 @@
 //! - before 2.53: `PUT /os-services/{enable,disable,disable-log-reason}` with
 //!   `{"host", "binary"[, "disabled_reason"]}`
 //!
-//! The state is `up` while the host's heartbeat lease lives. Forcing a service down is
+//! The state is `up` while the host's heartbeat lease lives; `updated_at` is the time
+//! of the host's last heartbeat ([`updated_at`]). Forcing a service down is
 //! not offered: a host's state always follows its heartbeat.
 
 use axum::extract::{Extension, Path, Query, State};
@@ -31,8 +32,19 @@ pub fn routes() -> Router<AppState> {
         .route("/os-services/{id}", axum::routing::put(update))
 }
 
-/// One service as Nova shows it at `version`.
-pub fn view(h: &HostStatus, version: Microversion) -> Value {
+/// `updated_at` of a host's service: the time of its last heartbeat, as Nova shows a
+/// service's last report. No store write per heartbeat records it; the replica knows it
+/// (see [`crate::hosts::cache::last_heartbeat`]): exact for heartbeats this replica
+/// served, otherwise, for an up host, no earlier than one TTL ago (its live lease proves
+/// a heartbeat since) and no earlier than its lease's grant; for a down host, the time
+/// the monitor saw it go down minus the TTL; null if it never heartbeated.
+pub fn updated_at(state: &AppState, h: &HostStatus) -> Value {
+    let t = state.hosts.last_heartbeat(&h.record, h.up, state.config.hosts.heartbeat_ttl_secs);
+    t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()).map_or(Value::Null, |t| nova_time(&t))
+}
+
+/// One service as Nova shows it at `version`, last updated at `updated_at`.
+pub fn view(h: &HostStatus, version: Microversion, updated_at: Value) -> Value {
     let r = &h.record;
     let mut v = json!({
         "id": if version.at_least(53) { json!(r.id) } else { json!(h.number) },
@@ -41,7 +53,7 @@ pub fn view(h: &HostStatus, version: Microversion) -> Value {
         "zone": r.zone,
         "status": if r.enabled { "enabled" } else { "disabled" },
         "state": h.state().as_str(),
-        "updated_at": nova_time(&r.updated_at),
+        "updated_at": updated_at,
         "disabled_reason": r.disabled_reason,
     });
     if version.at_least(11) {
@@ -70,7 +82,7 @@ async fn list(
         .iter()
         .filter(|h| q.host.as_deref().is_none_or(|n| n == h.record.hostname))
         .filter(|_| q.binary.as_deref().is_none_or(|b| b == BINARY))
-        .map(|h| view(h, version))
+        .map(|h| view(h, version, updated_at(&state, h)))
         .collect();
     Ok(Json(json!({ "services": services })))
 }
@@ -127,7 +139,7 @@ async fn update(
         let reason = if enabled { None } else { reason.or(current.record.disabled_reason.clone()) };
         let h = registry::set_enabled(store, &id, enabled, reason).await.map_err(|e| e.to_api(Dialect::Nova))?;
         tracing::info!(user = %auth.user_name, host = %h.record.hostname, enabled, "compute service updated");
-        return Ok(Json(json!({ "service": view(&h, version) })));
+        return Ok(Json(json!({ "service": view(&h, version, updated_at(&state, &h)) })));
     }
 
     // Before 2.53 the path names an action and the body names the host.

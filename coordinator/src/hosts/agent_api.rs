@@ -12,13 +12,13 @@
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::StreamExt;
 use model::agent_api::{
-    DesiredRecord, DesiredState, EnrolRequest, EnrolResponse, HeartbeatResponse, InventoryAccepted, InventoryReport,
+    DesiredRecord, DesiredState, EnrolRequest, EnrolResponse, HeartbeatResponse, HostCredential, InventoryAccepted, InventoryReport,
     ObservedRecord, ObservedReport,
 };
 use model::inventory::HostInventory;
@@ -27,7 +27,7 @@ use store::record::{decode, encode};
 use store::{Compare, Op, StoreError, Txn};
 use uuid::Uuid;
 
-use super::auth::HostAuth;
+use super::auth::{self, HostAuth};
 use super::error::HostsError;
 use super::records::{self, InventoryRecord, ObservedValue};
 use super::{enrol, heartbeat, provider_tree, registry};
@@ -74,14 +74,39 @@ async fn own_host(State(state): State<AppState>, auth: HostAuth, Path(id): Path<
     Ok(Json(serde_json::json!({ "host": host.view() })))
 }
 
-async fn beat(State(state): State<AppState>, auth: HostAuth, Path(id): Path<String>) -> Result<Json<HeartbeatResponse>, ApiError> {
-    auth.require(&id)?;
+async fn beat(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let cred = auth::credential(&headers)?;
+    Ok(Json(serve_heartbeat(&state, &cred, &id).await?))
+}
+
+/// A heartbeat of host `id` by the caller with credential `cred`.
+///
+/// Fast path (one store round trip): the secret matches the replica's cached
+/// credential hash and the cached lease is kept alive. Otherwise (unknown to the
+/// cache, mismatch, lease gone, cache not following the store) the slow path checks
+/// the credential against the stored record and re-grants the lease if it is gone.
+pub async fn serve_heartbeat(state: &AppState, cred: &HostCredential, id: &str) -> Result<HeartbeatResponse, ApiError> {
     let ttl = state.config.hosts.heartbeat_ttl_secs;
-    let renewed = heartbeat::heartbeat(state.store.as_ref(), &id, ttl).await.map_err(store_err)?;
-    if renewed {
+    let store = state.store.as_ref();
+    if let Some(cached) = state.hosts.verify(&cred.host_id, &cred.secret) {
+        auth::require_own(&cached.record.id, id)?;
+        if heartbeat::keep_alive(store, cached.lease).await.map_err(store_err)? {
+            state.hosts.beat(id);
+            return Ok(HeartbeatResponse { ttl_secs: ttl, renewed: false, enabled: cached.record.enabled });
+        }
+        state.hosts.forget_lease(id, cached.lease);
+    }
+    let auth = auth::verify_in_store(store, cred).await?;
+    auth.require(id)?;
+    let beat = heartbeat::heartbeat(store, id, ttl).await.map_err(store_err)?;
+    if let Some(revision) = beat.revision {
+        state.hosts.learned_lease(id, beat.lease, revision);
+    }
+    state.hosts.beat(id);
+    if beat.renewed {
         tracing::info!(host_id = %id, hostname = %auth.host.hostname, "heartbeat lease granted");
     }
-    Ok(Json(HeartbeatResponse { ttl_secs: ttl, renewed, enabled: auth.host.enabled }))
+    Ok(HeartbeatResponse { ttl_secs: ttl, renewed: beat.renewed, enabled: auth.host.enabled })
 }
 
 /// Refuses inventories too large or malformed to be a real host's.
@@ -143,7 +168,7 @@ async fn report_inventory(
     // report is refused as a whole and the previous one stays.
     crate::placement::db::sync_provider_tree(store, &tree).await.map_err(HostsError::from)?;
     let key = records::inventory_key(&id);
-    let record = InventoryRecord { inventory: report.inventory, reported_at: records::now_rfc3339() };
+    let record = InventoryRecord { inventory: report.inventory, load: report.load, reported_at: records::now_rfc3339() };
     for _ in 0..8 {
         let seen = store.get(&key).await.map_err(store_err)?.map_or(0, |kv| kv.mod_revision);
         let txn = Txn::new()
@@ -219,8 +244,16 @@ async fn desired(
         Err(StoreError::Compacted { .. }) => return Ok(Json(snapshot(&state, &id).await?)),
         Err(e) => return Err(store_err(e)),
     };
-    match tokio::time::timeout(wait, stream.next()).await {
-        Err(_) => Ok(Json(DesiredState { revision: after, changed: false, records: vec![] })),
+    let no_change = || Json(DesiredState { revision: after, changed: false, records: vec![] });
+    // The replica shutting down ends the wait at once with the "no change" answer, so
+    // a long poll never holds up the drain; the agent simply polls again (elsewhere).
+    let mut stopping = state.shutdown.subscribe();
+    let next = tokio::select! {
+        next = tokio::time::timeout(wait, stream.next()) => next,
+        _ = stopping.wait_for(|stop| *stop) => return Ok(no_change()),
+    };
+    match next {
+        Err(_) => Ok(no_change()),
         Ok(Some(Ok(_))) | Ok(Some(Err(StoreError::Compacted { .. }))) => Ok(Json(snapshot(&state, &id).await?)),
         Ok(Some(Err(e))) => Err(store_err(e)),
         Ok(None) => Err(ApiError::unavailable(Dialect::Plain, "The store ended the watch; try again.")),

@@ -72,7 +72,7 @@ pub async fn enrol(store: &dyn Store, req: &EnrolRequest, heartbeat_ttl_secs: i6
                     .when(Compare::ModRevision(record_key.clone(), record_kv.mod_revision))
                     .and_then(Op::put(token_key.clone(), encode(&token)))
                     .and_then(Op::put(record_key, encode(&record)));
-                (txn, record.id)
+                (txn, record.id, true)
             }
             None => {
                 let id = uuid::Uuid::new_v4().to_string();
@@ -95,12 +95,18 @@ pub async fn enrol(store: &dyn Store, req: &EnrolRequest, heartbeat_ttl_secs: i6
                     .and_then(Op::put(token_key.clone(), encode(&token)))
                     .and_then(Op::put(name_key.clone(), encode(&NameRecord { host_id: id.clone() })))
                     .and_then(Op::put(records::record_key(&id), encode(&record)));
-                (txn, id)
+                (txn, id, false)
             }
         };
-        let (txn, host_id) = txn;
+        let (txn, host_id, again) = txn;
         if store.txn(txn).await?.succeeded {
-            tracing::info!(host_id = %host_id, hostname = %req.hostname, "host enrolled");
+            if again {
+                // The old secret must stop working on every replica before this call
+                // returns: replicas accept a cached credential only while its lease
+                // lives (see `cache`), so end the old incarnation's lease.
+                super::heartbeat::stop(store, &host_id).await?;
+            }
+            tracing::info!(host_id = %host_id, hostname = %req.hostname, again, "host enrolled");
             return Ok(EnrolResponse { host_id, secret, heartbeat_ttl_secs });
         }
     }

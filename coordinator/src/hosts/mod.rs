@@ -11,6 +11,10 @@
 //!   ([`monitor`]) records the transitions. Administrators enable and disable hosts
 //!   ([`admin_api`], and Nova's os-services in `crate::compute`).
 //! - The scheduler learns which hosts are up and enabled from [`directory::HostCache`].
+//! - Each replica keeps hosts' credential hashes and heartbeat leases in memory
+//!   ([`cache::ReplicaCache`], fed by a watch of `/hosts/`), so a heartbeat costs one
+//!   store round trip (a keep-alive); deleting or re-enrolling a host revokes its lease,
+//!   so the old credential fails on every replica once that call returned.
 
 use std::sync::Arc;
 
@@ -22,6 +26,7 @@ use crate::state::AppState;
 pub mod admin_api;
 pub mod agent_api;
 pub mod auth;
+pub mod cache;
 pub mod directory;
 pub mod enrol;
 pub mod error;

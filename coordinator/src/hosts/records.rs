@@ -170,9 +170,12 @@ impl Record for JoinTokenRecord {
 }
 
 /// A host's last reported inventory.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InventoryRecord {
     pub inventory: HostInventory,
+    /// Uptime and load when it was reported (absent from older agents and records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<model::agent_api::HostLoad>,
     /// When it was reported (RFC 3339).
     pub reported_at: String,
 }

@@ -160,12 +160,23 @@ pub async fn delete(store: &dyn Store, id: &str) -> Result<(), HostsError> {
     for _ in 0..8 {
         let txn = Txn::new()
             .when(Compare::ModRevision(key.clone(), seen))
+            .and_then(Op::get(records::alive_key(id)))
             .and_then(Op::delete(key.clone()))
             .and_then(Op::delete(records::name_key(&record.hostname)))
             .and_then(Op::delete(records::inventory_key(id)))
             .and_then(Op::delete(records::alive_key(id)))
             .and_then(Op::DeletePrefix { prefix: format!("/hosts/{id}/") });
-        if store.txn(txn).await?.succeeded {
+        let resp = store.txn(txn).await?;
+        if resp.succeeded {
+            // A heartbeat between `stop` and the delete may have granted a new lease;
+            // end it too, so that no replica's cache keeps the credential alive.
+            if let Some(store::OpResult::Get(Some(alive))) = resp.results.first() {
+                match store.lease_revoke(alive.lease).await {
+                    Ok(()) | Err(store::StoreError::LeaseNotFound(_)) => {}
+                    Err(e) if alive.lease == 0 => tracing::debug!(host_id = %id, error = %e, "heartbeat key without a lease"),
+                    Err(e) => return Err(e.into()),
+                }
+            }
             tracing::info!(host_id = %id, hostname = %record.hostname, "host deleted");
             return Ok(());
         }
