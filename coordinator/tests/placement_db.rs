@@ -214,3 +214,19 @@ async fn provider_allocations_are_indexed_and_schema_1_records_are_moved_on_writ
     assert!(!p.has_allocations());
     assert!(store.range(db::ALLOC_PREFIX).await.unwrap().kvs.is_empty());
 }
+
+#[test]
+fn records_encoded_in_one_pass_read_back_like_any_record() {
+    let c = db::Consumer {
+        uuid: Uuid::new_v4(),
+        project_id: "p".into(),
+        user_id: "u".into(),
+        consumer_type: Some("INSTANCE".into()),
+        generation: 3,
+        allocations: BTreeMap::from([(Uuid::new_v4(), BTreeMap::from([("VCPU".to_string(), 2)]))]),
+    };
+    let fast = db::encode_record(&c);
+    assert_eq!(store::record::decode::<db::Consumer>("k", &fast).unwrap(), c);
+    let as_json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(as_json(&fast), as_json(&store::record::encode(&c)), "same record, same schema version");
+}

@@ -303,7 +303,7 @@ async fn token_figures(args: &Args, url: &str) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let connect = || async { Ok::<Arc<dyn Store>, anyhow::Error>(Arc::new(store::etcd::EtcdStore::connect(&[args.etcd_endpoint.clone()]).await?)) };
+    let connect = || async { Ok::<Arc<dyn Store>, anyhow::Error>(Arc::new(store::etcd::EtcdStore::connect(std::slice::from_ref(&args.etcd_endpoint)).await?)) };
     let store = connect().await?;
     println!("control-plane benchmark: {} hosts, etcd at {}", args.hosts, args.etcd_endpoint);
     let t = Instant::now();

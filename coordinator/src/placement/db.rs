@@ -214,7 +214,7 @@ impl Inventory {
         if amount > self.max_unit {
             return bad(format!("above max_unit {}", self.max_unit));
         }
-        if amount % self.step_size != 0 {
+        if !amount.is_multiple_of(self.step_size) {
             return bad(format!("not a multiple of step_size {}", self.step_size));
         }
         Ok(())
@@ -297,6 +297,21 @@ struct ProviderOut<'a> {
 /// Encodes a provider record (schema 2) straight to JSON.
 pub fn encode_provider(p: &Provider) -> Vec<u8> {
     serde_json::to_vec(&ProviderOut { v: PROVIDER_VERSION, provider: p }).expect("a provider always serializes")
+}
+
+/// A record as written: its fields and its schema version.
+#[derive(Serialize)]
+struct RecordOut<'a, T: Serialize> {
+    v: u32,
+    #[serde(flatten)]
+    record: &'a T,
+}
+
+/// The same bytes' meaning as [`store::record::encode`] for a record that is
+/// a struct, serialized in one pass (no intermediate JSON tree): for the
+/// records every claim writes.
+pub fn encode_record<T: Record>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(&RecordOut { v: T::VERSION, record: value }).expect("a record struct always serializes")
 }
 
 /// Decodes a provider record of schema 1 or 2 in one pass (no intermediate
@@ -1151,7 +1166,7 @@ pub async fn claim<P: std::borrow::Borrow<Versioned<Provider>>>(
             p.consumers += 1;
             p.generation += 1;
             txn = put_provider(txn, &p)
-                .and_then(Op::put(alloc_key(&p.uuid, &consumer.uuid), encode(&ProviderAllocation { resources: amounts.clone() })));
+                .and_then(Op::put(alloc_key(&p.uuid, &consumer.uuid), encode_record(&ProviderAllocation { resources: amounts.clone() })));
         }
         updated.push(p);
     }
@@ -1164,7 +1179,7 @@ pub async fn claim<P: std::borrow::Borrow<Versioned<Provider>>>(
     let mut record = consumer.clone();
     record.generation = 1;
     record.allocations = allocations.clone();
-    txn = txn.and_then(Op::put(ckey, encode(&record)));
+    txn = txn.and_then(Op::put(ckey, encode_record(&record)));
     let r = store.txn(txn).await?;
     if r.succeeded {
         let revision = r.revision;

@@ -205,7 +205,7 @@ async fn load(store: &dyn Store, inner: &RwLock<Inner>) -> Result<i64, db::DbErr
 
 /// A watch event as the cache applies it.
 enum Change {
-    Put(Versioned<Provider>),
+    Put(Box<Versioned<Provider>>),
     Delete(Uuid, i64),
 }
 
@@ -230,7 +230,7 @@ fn decode_events(inner: &RwLock<Inner>, events: Vec<store::Event>) -> Vec<Change
         }
         match ev.kind {
             EventKind::Put => match db::decode_provider(&ev.kv.key, &ev.kv.value) {
-                Ok(value) => out.push(Change::Put(Versioned { value, mod_revision: ev.kv.mod_revision })),
+                Ok(value) => out.push(Change::Put(Box::new(Versioned { value, mod_revision: ev.kv.mod_revision }))),
                 Err(e) => tracing::warn!(error = %e, "skipping unreadable provider record"),
             },
             EventKind::Delete => {
@@ -257,7 +257,7 @@ async fn follow(store: Arc<dyn Store>, inner: Arc<RwLock<Inner>>, mut revision: 
                             let mut guard = inner.write().unwrap();
                             for change in changes {
                                 match change {
-                                    Change::Put(p) => guard.upsert(p),
+                                    Change::Put(p) => guard.upsert(*p),
                                     Change::Delete(u, rev) => guard.remove(&u, rev),
                                 }
                             }

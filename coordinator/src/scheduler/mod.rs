@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::Rng;
-use store::record::encode;
 use store::Store;
 use uuid::Uuid;
 
@@ -241,7 +240,7 @@ impl Scheduler {
                     (Some(g), Some(state)) => {
                         let mut members = state.members.clone();
                         members.members.insert(req.consumer, host);
-                        Some(Guard { key: groups::group_key(&g.id), mod_revision: state.mod_revision, value: encode(&members) })
+                        Some(Guard { key: groups::group_key(&g.id), mod_revision: state.mod_revision, value: db::encode_record(&members) })
                     }
                     _ => None,
                 };
