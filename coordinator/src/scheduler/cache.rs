@@ -21,11 +21,17 @@ use crate::placement::db::{self, Provider, Versioned};
 /// A cached provider.
 pub type CachedProvider = Arc<Versioned<Provider>>;
 
+/// A host's providers, root first, as cached.
+pub type CachedTree = Arc<[CachedProvider]>;
+
 #[derive(Default)]
 struct Inner {
     providers: HashMap<Uuid, CachedProvider>,
     /// Root providers (hosts), in no particular order, for sampling.
     roots: Vec<Uuid>,
+    /// The tree of each root, same order: assembled when a provider of it
+    /// changes, so a scan reads trees without lookups or reference counting.
+    trees: Vec<CachedTree>,
     root_index: HashMap<Uuid, usize>,
     /// Store revision the cache reflects at least.
     revision: i64,
@@ -36,36 +42,53 @@ impl Inner {
         if !self.root_index.contains_key(&u) {
             self.root_index.insert(u, self.roots.len());
             self.roots.push(u);
+            self.trees.push(Arc::from([]));
         }
     }
 
     fn remove_root(&mut self, u: &Uuid) {
         if let Some(i) = self.root_index.remove(u) {
             self.roots.swap_remove(i);
+            self.trees.swap_remove(i);
             if let Some(moved) = self.roots.get(i) {
                 self.root_index.insert(*moved, i);
             }
         }
     }
 
-    fn upsert(&mut self, p: Versioned<Provider>) {
-        if let Some(old) = self.providers.get(&p.value.uuid) {
-            if old.mod_revision >= p.mod_revision {
-                return;
-            }
+    /// Re-assembles the tree of `root` after one of its providers changed.
+    fn refresh_tree(&mut self, root: &Uuid) {
+        if let Some(&i) = self.root_index.get(root) {
+            let mut tree = Vec::new();
+            collect_tree(self, root, &mut tree);
+            self.trees[i] = tree.into();
         }
-        let u = p.value.uuid;
+    }
+
+    fn upsert(&mut self, p: Versioned<Provider>) {
+        let old_root = match self.providers.get(&p.value.uuid) {
+            Some(old) if old.mod_revision >= p.mod_revision => return,
+            Some(old) => Some(old.value.root),
+            None => None,
+        };
+        let (u, root) = (p.value.uuid, p.value.root);
         if p.value.parent.is_none() {
             self.add_root(u);
         } else {
             self.remove_root(&u);
         }
         self.providers.insert(u, Arc::new(p));
+        self.refresh_tree(&root);
+        if let Some(old) = old_root.filter(|o| *o != root) {
+            self.refresh_tree(&old);
+        }
     }
 
     fn remove(&mut self, u: &Uuid, revision: i64) {
         if self.providers.get(u).is_some_and(|p| p.mod_revision < revision) {
-            self.providers.remove(u);
+            if let Some(p) = self.providers.remove(u) {
+                self.refresh_tree(&p.value.root);
+            }
             self.remove_root(u);
         }
     }
@@ -138,28 +161,26 @@ impl ProviderCache {
         while gcd(stride, n) != 1 {
             stride += 1;
         }
-        let mut tree = Vec::with_capacity(8);
         let mut at = start;
         for _ in 0..n {
-            let root = inner.roots[at];
+            let tree = &inner.trees[at];
             at = (at + stride) % n;
-            tree.clear();
-            collect_tree(&inner, &root, &mut tree);
             if tree.is_empty() {
                 continue;
             }
-            if !visit(&tree) {
+            if !visit(tree) {
                 return;
             }
         }
     }
 
-    /// The tree of `root` (root first), as cached.
-    pub fn tree(&self, root: &Uuid) -> Vec<CachedProvider> {
+    /// The tree of `root` (root first), as cached; empty for an unknown host.
+    pub fn tree(&self, root: &Uuid) -> CachedTree {
         let inner = self.inner.read().unwrap();
-        let mut tree = Vec::new();
-        collect_tree(&inner, root, &mut tree);
-        tree
+        match inner.root_index.get(root) {
+            Some(&i) => inner.trees[i].clone(),
+            None => Arc::from([]),
+        }
     }
 }
 

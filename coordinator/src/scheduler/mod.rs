@@ -25,7 +25,7 @@ use rand::Rng;
 use store::Store;
 use uuid::Uuid;
 
-use crate::placement::db::{self, Claim, Consumer, DbError, Guard};
+use crate::placement::db::{self, Claim, Consumer, DbError, Guard, Versioned};
 
 pub mod cache;
 pub mod filters;
@@ -234,8 +234,8 @@ impl Scheduler {
                     continue;
                 }
                 let Some(sel) = fit::fit(&tree, effective) else { continue };
-                let touched: Vec<cache::CachedProvider> =
-                    tree.into_iter().filter(|p| sel.allocations.contains_key(&p.value.uuid)).collect();
+                let touched: Vec<&Versioned<db::Provider>> =
+                    tree.iter().filter(|p| sel.allocations.contains_key(&p.value.uuid)).map(|p| &**p).collect();
                 let guard = match (&req.server_group, &group) {
                     (Some(g), Some(state)) => {
                         let mut members = state.members.clone();
