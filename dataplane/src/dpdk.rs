@@ -37,6 +37,9 @@ extern "C" {
     fn dp_mbuf_copy_out(m: *mut RteMbuf, buf: *mut c_void, cap: u32) -> c_int;
     fn dp_mbuf_from(mp: *mut RteMempool, data: *const c_void, len: u16) -> *mut RteMbuf;
     fn dp_mbuf_free(m: *mut RteMbuf);
+    fn dp_mbuf_alloc(mp: *mut RteMempool) -> *mut RteMbuf;
+    fn dp_mbuf_room(m: *mut RteMbuf, room: *mut u16) -> *mut c_void;
+    fn dp_mbuf_set_len(m: *mut RteMbuf, len: u16);
 }
 
 /// Errors of the DPDK port.
@@ -203,6 +206,22 @@ impl EthPort {
         true
     }
 
+    /// Like [`EthPort::flush`], returning how many the driver took.
+    fn flush_count(&mut self) -> usize {
+        let before = self.npending;
+        if before == 0 {
+            return 0;
+        }
+        // SAFETY: pending[..npending] are mbufs we own; DPDK takes those it sends.
+        let sent = unsafe { dp_tx_burst(self.port, self.pending.as_mut_ptr(), before as u16) } as usize;
+        for m in &self.pending[sent..before] {
+            // SAFETY: not taken by the driver, still ours.
+            unsafe { dp_mbuf_free(*m) };
+        }
+        self.npending = 0;
+        sent
+    }
+
     /// Hands the queued mbufs to the driver; those it refuses are freed.
     fn flush(&mut self) {
         if self.npending == 0 {
@@ -239,6 +258,37 @@ impl BurstPort for EthPort {
             }
         }
         got
+    }
+
+    fn send_filled(&mut self, n: usize, fill: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>) -> Option<usize> {
+        register_thread();
+        let mut sent = 0;
+        for i in 0..n {
+            if self.npending == BURST {
+                sent += self.flush_count();
+            }
+            // SAFETY: pool is the EAL's pool.
+            let m = unsafe { dp_mbuf_alloc(self.pool) };
+            if m.is_null() {
+                break;
+            }
+            let mut room = 0u16;
+            // SAFETY: m is a fresh single-segment mbuf we own; room receives its tailroom.
+            let p = unsafe { dp_mbuf_room(m, &mut room) };
+            // SAFETY: p points at `room` writable bytes of m's data area, ours until sent.
+            let buf = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, room as usize) };
+            match fill(i, buf) {
+                Some(len) if len <= room as usize => {
+                    // SAFETY: len bytes of m's data area were written by fill.
+                    unsafe { dp_mbuf_set_len(m, len as u16) };
+                    self.pending[self.npending] = m;
+                    self.npending += 1;
+                }
+                // SAFETY: m is ours and not queued.
+                _ => unsafe { dp_mbuf_free(m) },
+            }
+        }
+        Some(sent + self.flush_count())
     }
 
     fn send_burst(&mut self, frames: &[&[u8]]) -> usize {

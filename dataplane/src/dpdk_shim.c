@@ -75,3 +75,20 @@ struct rte_mbuf *dp_mbuf_from(struct rte_mempool *mp, const void *data, uint16_t
 }
 
 void dp_mbuf_free(struct rte_mbuf *m) { rte_pktmbuf_free(m); }
+
+/* A new empty mbuf; its writable data area and room through dp_mbuf_room. */
+struct rte_mbuf *dp_mbuf_alloc(struct rte_mempool *mp) { return rte_pktmbuf_alloc(mp); }
+
+/* The data pointer of an empty mbuf; *room is how many bytes may be written there. */
+void *dp_mbuf_room(struct rte_mbuf *m, uint16_t *room)
+{
+    *room = rte_pktmbuf_tailroom(m);
+    return rte_pktmbuf_mtod(m, void *);
+}
+
+/* Declares the first len bytes of a single-segment mbuf's data area as its packet. */
+void dp_mbuf_set_len(struct rte_mbuf *m, uint16_t len)
+{
+    m->data_len = len;
+    m->pkt_len = len;
+}

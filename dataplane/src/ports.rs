@@ -22,6 +22,15 @@ pub trait BurstPort: Send {
     /// published together and the peer is notified at most once. Returns how
     /// many were queued; the rest were dropped (no room).
     fn send_burst(&mut self, frames: &[&[u8]]) -> usize;
+    /// Transmits `n` frames written straight into the port's own buffers:
+    /// `fill(i, buf)` writes frame i at the start of `buf` and returns its
+    /// length (None skips it). Returns how many went, or None when the port
+    /// has no buffers of its own to lend (then the caller builds frames
+    /// itself and uses [`BurstPort::send_burst`]).
+    fn send_filled(&mut self, n: usize, fill: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>) -> Option<usize> {
+        let _ = (n, fill);
+        None
+    }
     /// A descriptor that turns readable when frames may be waiting (for poll(2)), or -1.
     fn fd(&self) -> RawFd;
 }
@@ -693,6 +702,20 @@ impl Encap for VxlanUnderlay {
     }
 
     fn send_burst(&mut self, frames: &[(&[u8], u32, Ipv4Addr)]) -> usize {
+        // Encapsulate straight into the port's buffers (a NIC's mbufs) when it lends them.
+        let mut port = std::mem::replace(&mut self.port, Box::new(NoPort));
+        let direct = port.send_filled(frames.len(), &mut |i, buf| {
+            let (inner, vni, remote) = frames[i];
+            let Some(mac) = self.neighbor(remote) else {
+                self.no_neighbor += 1;
+                return None;
+            };
+            self.encapsulate(buf, inner, vni, remote, mac)
+        });
+        self.port = port;
+        if let Some(sent) = direct {
+            return sent;
+        }
         let mut sent = 0;
         for chunk in frames.chunks(TUNNEL_BATCH) {
             while self.out.len() < chunk.len() {
@@ -720,6 +743,21 @@ impl Encap for VxlanUnderlay {
 
     fn fd(&self) -> RawFd {
         self.port.fd()
+    }
+}
+
+/// Stands in for a [`VxlanUnderlay`]'s port while the port lends it buffers.
+struct NoPort;
+
+impl BurstPort for NoPort {
+    fn recv_burst(&mut self, _: &mut [&mut [u8]], _: &mut [usize]) -> usize {
+        0
+    }
+    fn send_burst(&mut self, _: &[&[u8]]) -> usize {
+        0
+    }
+    fn fd(&self) -> RawFd {
+        -1
     }
 }
 
@@ -774,6 +812,54 @@ mod underlay_tests {
         fn fd(&self) -> RawFd {
             -1
         }
+    }
+
+    /// A port that lends buffers of its own (as a NIC's mbufs) and keeps what was written.
+    #[derive(Default, Clone)]
+    struct Lend(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl BurstPort for Lend {
+        fn recv_burst(&mut self, _: &mut [&mut [u8]], _: &mut [usize]) -> usize {
+            0
+        }
+        fn send_burst(&mut self, _: &[&[u8]]) -> usize {
+            panic!("frames must be written into lent buffers")
+        }
+        fn send_filled(&mut self, n: usize, fill: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>) -> Option<usize> {
+            let mut sent = 0;
+            for i in 0..n {
+                let mut buf = vec![0u8; 2048];
+                if let Some(l) = fill(i, &mut buf) {
+                    buf.truncate(l);
+                    self.0.lock().unwrap().push(buf);
+                    sent += 1;
+                }
+            }
+            Some(sent)
+        }
+        fn fd(&self) -> RawFd {
+            -1
+        }
+    }
+
+    #[test]
+    fn encapsulation_into_lent_buffers_matches_the_copying_path() {
+        let (a, b) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        let inner: Vec<u8> = (0..100u8).collect();
+        let lend = Lend::default();
+        let mut lent = VxlanUnderlay::new(Box::new(lend.clone()), a, [2, 0, 0, 0, 0, 1], vec![(b, [2, 0, 0, 0, 0, 2])]);
+        let mut copied = VxlanUnderlay::new(Box::new(Loop::default()), a, [2, 0, 0, 0, 0, 1], vec![(b, [2, 0, 0, 0, 0, 2])]);
+        let frames = [(&inner[..], 5, Ipv4Addr::new(192, 0, 2, 7)), (&inner[..], 5, b)];
+        assert_eq!(lent.send_burst(&frames), 1);
+        assert_eq!(copied.send_burst(&frames), 1);
+        assert_eq!((lent.no_neighbor, copied.no_neighbor), (1, 1));
+        let mut raw = [0u8; 256];
+        let mut len = [0usize];
+        assert_eq!(copied.port.recv_burst(&mut [&mut raw[..]], &mut len), 1);
+        let kept = lend.0.lock().unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0], raw[..len[0]].to_vec(), "the same frame either way");
+        assert_eq!(kept[0].len(), OUTER_LEN + inner.len());
     }
 
     #[test]
