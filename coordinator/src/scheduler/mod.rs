@@ -255,9 +255,10 @@ impl Scheduler {
                         self.cache.apply(providers.into_iter().flatten());
                         if let Some(state) = &mut group {
                             if now.as_ref().map_or(0, |kv| kv.mod_revision) != state.mod_revision {
-                                // Another member was placed meanwhile: select
-                                // again knowing where. Only members placed
-                                // elsewhere make this happen, so it ends.
+                                // The group changed meanwhile (a member was
+                                // placed or left): select again against it.
+                                // Such retries do not use up rounds, up to a
+                                // bound, since each means another member won.
                                 *state = groups::GroupState::from_kv(now.as_ref())?;
                                 group_changes += 1;
                                 if group_changes <= MAX_GROUP_CHANGES {
