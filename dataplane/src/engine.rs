@@ -662,7 +662,7 @@ impl Worker {
                 pi += self.workers;
             }
             rounds = rounds.wrapping_add(1);
-            if self.id == 0 && rounds % 4096 == 0 && last_expire.elapsed() > Duration::from_secs(1) {
+            if self.id == 0 && rounds.is_multiple_of(4096) && last_expire.elapsed() > Duration::from_secs(1) {
                 last_expire = Instant::now();
                 let now = self.shared.start.elapsed();
                 for shard in &self.shared.conntrack {

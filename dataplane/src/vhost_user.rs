@@ -538,6 +538,9 @@ const VRING_DESC_F_INDIRECT: u16 = 4;
 /// The guest asks not to be interrupted (avail ring flags).
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
+/// What identifies a translated ring: descriptor table, avail and used ring addresses, size.
+type RingId = (u64, u64, u64, u16);
+
 /// One guest memory region, translated once per memory table.
 #[derive(Clone, Copy)]
 struct Region {
@@ -557,7 +560,7 @@ struct GuestMap {
     last: usize,
     generation: u64,
     /// Per vring: the ring addresses and size last translated, and the result.
-    rings: Vec<Option<((u64, u64, u64, u16), Ring)>>,
+    rings: Vec<Option<(RingId, Ring)>>,
 }
 
 impl GuestMap {
@@ -821,7 +824,7 @@ impl VhostUserPort {
             // Look at the clock only every 64 empty polls: a poll is far shorter.
             self.empty_polls[q] = self.empty_polls[q].wrapping_add(1);
             let since = *self.empty_since[q].get_or_insert_with(std::time::Instant::now);
-            if self.empty_polls[q] % 64 == 0 && since.elapsed() >= KICK_AFTER_IDLE {
+            if self.empty_polls[q].is_multiple_of(64) && since.elapsed() >= KICK_AFTER_IDLE {
                 // Idle: ask for kicks again so that a sleeping worker wakes.
                 // Buffers the guest added before it saw the flag would get
                 // no kick, so wake ourselves for them.

@@ -429,7 +429,7 @@ impl Bench {
         inst.appctl(&["dpif-netdev/pmd-stats-clear"])?;
         let (rx_pps, out_pps, delivered_pps) = measure(self.seconds, read)?;
         let pmd = inst.appctl(&["dpif-netdev/pmd-stats-show"])?;
-        let pick = |name: &str| pmd.lines().find(|l| l.trim_start().starts_with(name)).and_then(|l| l.rsplit(':').next()).map(|v| v.trim().split_whitespace().next().unwrap_or("").to_string()).unwrap_or_default();
+        let pick = |name: &str| pmd.lines().find(|l| l.trim_start().starts_with(name)).and_then(|l| l.rsplit(':').next()).map(|v| v.split_whitespace().next().unwrap_or("").to_string()).unwrap_or_default();
         let cycles: f64 = pick("avg processing cycles per packet").parse().unwrap_or(0.0);
         let mut note = format!(
             "PMD {} cycles/packet, {} packets/batch, emc hits {}, smc hits {}, megaflow hits {}, upcalls {}",
