@@ -11,8 +11,6 @@ pub struct Metrics {
     pub tokens_issued: AtomicU64,
     pub tokens_validated: AtomicU64,
     pub failed_logins: AtomicU64,
-    pub claims: AtomicU64,
-    pub claim_conflicts: AtomicU64,
 }
 
 impl Metrics {
@@ -36,8 +34,6 @@ impl Metrics {
             ("edgecloud_tokens_issued_total", "Tokens issued.", &self.tokens_issued),
             ("edgecloud_tokens_validated_total", "Tokens validated.", &self.tokens_validated),
             ("edgecloud_failed_logins_total", "Failed password logins.", &self.failed_logins),
-            ("edgecloud_claims_total", "Successful resource claims.", &self.claims),
-            ("edgecloud_claim_conflicts_total", "Claims retried after a concurrent update.", &self.claim_conflicts),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
         }
