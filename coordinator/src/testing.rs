@@ -1,6 +1,7 @@
 //! Test support: a coordinator replica served in-process on a loopback port,
 //! bootstrapped with an admin user, for this crate's tests and other crates'.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -83,4 +84,39 @@ impl Drop for TestSite {
         self.shutdown.send_replace(true);
         self.task.abort();
     }
+}
+
+/// The `openstack` CLI (`EDGECLOUD_OPENSTACK_CLI`, else the repository's `.venv`), or
+/// None with a SKIPPED line when it is not installed and not required.
+pub fn openstack_cli() -> Option<PathBuf> {
+    let configured = std::env::var_os("EDGECLOUD_OPENSTACK_CLI").map(PathBuf::from);
+    let candidate = configured.clone().unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/openstack")));
+    if candidate.is_file() {
+        return Some(candidate);
+    }
+    assert!(configured.is_none(), "EDGECLOUD_OPENSTACK_CLI names {} but it does not exist", candidate.display());
+    println!("SKIPPED: the openstack CLI is not installed (scripts/test installs it into .venv)");
+    None
+}
+
+/// Runs `openstack ARGS` as the bootstrap admin against the site at `url` (blocking);
+/// asserts success and returns stdout.
+pub fn openstack_as_admin(cli: &Path, url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cli)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .env("OS_AUTH_URL", format!("{url}/v3"))
+        .env("OS_USERNAME", "admin")
+        .env("OS_PASSWORD", ADMIN_PASSWORD)
+        .env("OS_PROJECT_NAME", "admin")
+        .env("OS_USER_DOMAIN_NAME", "Default")
+        .env("OS_PROJECT_DOMAIN_NAME", "Default")
+        .env("OS_IDENTITY_API_VERSION", "3")
+        .env("OS_REGION_NAME", "RegionOne")
+        .output()
+        .expect("run the openstack CLI");
+    assert!(out.status.success(), "openstack {args:?}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

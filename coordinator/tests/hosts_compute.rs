@@ -2,10 +2,9 @@
 //! in-process replica on the embedded store, and through python-openstackclient
 //! when it is installed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use coordinator::testing::{TestSite, ADMIN_PASSWORD};
+use coordinator::testing::TestSite;
 use model::agent_api::HostCredential;
 use model::inventory::{DiskPool, HostInventory, NumaNode};
 use serde_json::{json, Value};
@@ -273,45 +272,16 @@ async fn hypervisors_show_sizes_and_usage() {
 }
 
 /// The `openstack` CLI, or None (saying so) when it is not installed.
-fn openstack_cli() -> Option<PathBuf> {
-    let configured = std::env::var_os("EDGECLOUD_OPENSTACK_CLI").map(PathBuf::from);
-    let candidate = configured.clone().unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/openstack")));
-    if candidate.is_file() {
-        return Some(candidate);
-    }
-    assert!(configured.is_none(), "EDGECLOUD_OPENSTACK_CLI names {} but it does not exist", candidate.display());
-    println!("SKIPPED: the openstack CLI is not installed (scripts/test installs it into .venv)");
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openstack_cli_lists_and_disables_compute_services() {
-    let Some(cli) = openstack_cli() else { return };
+    let Some(cli) = coordinator::testing::openstack_cli() else { return };
     let dir = tempfile::tempdir().unwrap();
     let s = site(&dir).await;
     let admin = s.admin_token().await;
     host(&s, &admin, "edge-a", 4, true).await;
     host(&s, &admin, "edge-b", 2, false).await;
     let url = s.url.clone();
-    let run = move |args: &[&str]| -> String {
-        let out = std::process::Command::new(&cli)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", std::env::temp_dir())
-            .env("OS_AUTH_URL", format!("{url}/v3"))
-            .env("OS_USERNAME", "admin")
-            .env("OS_PASSWORD", ADMIN_PASSWORD)
-            .env("OS_PROJECT_NAME", "admin")
-            .env("OS_USER_DOMAIN_NAME", "Default")
-            .env("OS_PROJECT_DOMAIN_NAME", "Default")
-            .env("OS_IDENTITY_API_VERSION", "3")
-            .env("OS_REGION_NAME", "RegionOne")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openstack {args:?}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = move |args: &[&str]| -> String { coordinator::testing::openstack_as_admin(&cli, &url, args) };
     let (services, hypervisors, shown, shown_b) = tokio::task::spawn_blocking(move || {
         run(&["compute", "service", "set", "--disable", "--disable-reason", "maintenance window", "edge-b", "nova-compute"]);
         let services: Value = serde_json::from_str(&run(&["compute", "service", "list", "--long", "-f", "json"])).unwrap();
