@@ -237,7 +237,12 @@ impl crate::Store for EtcdStore {
         let mut client = self.client.lease_client();
         // etcd-client sends one renewal and waits for its answer; dropping the
         // keeper closes the stream again.
-        timed(client.keep_alive(lease)).await.map_err(|e| for_lease(e, lease))?;
+        if let Err(e) = timed(client.keep_alive(lease)).await.map_err(|e| for_lease(e, lease)) {
+            if matches!(e, StoreError::LeaseNotFound(_)) {
+                self.ttls.lock().unwrap_or_else(|p| p.into_inner()).remove(&lease);
+            }
+            return Err(e);
+        }
         let known = self.ttls.lock().unwrap_or_else(|p| p.into_inner()).get(&lease).copied();
         match known {
             Some(ttl) => Ok(ttl),
@@ -246,6 +251,9 @@ impl crate::Store for EtcdStore {
                 if resp.ttl() <= 0 {
                     return Err(StoreError::LeaseNotFound(lease));
                 }
+                // A lease granted by another client: remember its TTL so later renewals
+                // cost one round trip, as for our own leases.
+                self.ttls.lock().unwrap_or_else(|p| p.into_inner()).insert(lease, resp.granted_ttl());
                 Ok(resp.granted_ttl())
             }
         }
