@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -116,7 +116,8 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let start = Instant::now();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let route = route_label(req.extensions().get::<MatchedPath>().map(|m| m.as_str()).unwrap_or(&path));
+    // This layer runs before routing, so the label comes from the path itself.
+    let route = route_label(&path);
     let request_id = req
         .extensions()
         .get::<RequestId>()
