@@ -319,6 +319,8 @@ pub struct VhostUserPort {
     rx_cursor: usize,
     /// Per transmit vring: whether we asked the guest for kicks.
     kicks_on: [bool; MAX_QUEUE_PAIRS as usize],
+    /// Per receive vring: whether the guest was told not to kick when it adds buffers.
+    rx_kicks_off: [bool; MAX_QUEUE_PAIRS as usize],
     /// Per transmit vring: since when it has been found empty (kicks still off).
     empty_since: [Option<std::time::Instant>; MAX_QUEUE_PAIRS as usize],
     /// The guest's memory as host pointers.
@@ -373,6 +375,7 @@ impl VhostUserPort {
             pairs: 0,
             rx_cursor: 0,
             kicks_on: [true; MAX_QUEUE_PAIRS as usize],
+            rx_kicks_off: [false; MAX_QUEUE_PAIRS as usize],
             empty_since: [None; MAX_QUEUE_PAIRS as usize],
             map: GuestMap::default(),
             empty_polls: [0; MAX_QUEUE_PAIRS as usize],
@@ -415,6 +418,7 @@ impl VhostUserPort {
         self.conn = self.shared.conn.read().expect("connection lock").clone();
         self.pairs = self.conn.as_ref().map(|c| c.vrings.len() / 2).unwrap_or(0);
         self.kicks_on = [true; MAX_QUEUE_PAIRS as usize];
+        self.rx_kicks_off = [false; MAX_QUEUE_PAIRS as usize];
         self.empty_since = [None; MAX_QUEUE_PAIRS as usize];
         self.map.clear();
         self.rx_cursor = 0;
@@ -869,6 +873,15 @@ impl VhostUserPort {
         }
         let queue = st.get_queue_mut();
         let Some(ring) = self.map.ring(2 * q, queue) else { return 0 };
+        if !self.rx_kicks_off[q] {
+            // A frame that finds the receive ring full is dropped, never
+            // parked until the guest adds buffers, so a kick for new receive
+            // buffers would only cost the guest a system call and wake our
+            // protocol thread on its CPU: ask the guest not to send them.
+            if let Some(mem) = self.map.mem.clone() {
+                self.rx_kicks_off[q] = queue.disable_notification(&*mem).is_ok();
+            }
+        }
         let (mut next_avail, mut next_used) = (queue.next_avail(), queue.next_used());
         let first_used = next_used;
         let mut avail_idx = ring.avail_idx();
