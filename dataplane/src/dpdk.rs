@@ -37,9 +37,8 @@ extern "C" {
     fn dp_mbuf_copy_out(m: *mut RteMbuf, buf: *mut c_void, cap: u32) -> c_int;
     fn dp_mbuf_from(mp: *mut RteMempool, data: *const c_void, len: u16) -> *mut RteMbuf;
     fn dp_mbuf_free(m: *mut RteMbuf);
-    fn dp_mbuf_alloc(mp: *mut RteMempool) -> *mut RteMbuf;
-    fn dp_mbuf_room(m: *mut RteMbuf, room: *mut u16) -> *mut c_void;
-    fn dp_mbuf_set_len(m: *mut RteMbuf, len: u16);
+    fn dp_mbuf_alloc_bulk(mp: *mut RteMempool, m: *mut *mut RteMbuf, data: *mut *mut c_void, n: u32, room: *mut u16) -> u32;
+    fn dp_tx_filled(port: u16, m: *mut *mut RteMbuf, lens: *const u16, n: u16) -> u16;
 }
 
 /// Errors of the DPDK port.
@@ -262,33 +261,32 @@ impl BurstPort for EthPort {
 
     fn send_filled(&mut self, n: usize, fill: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>) -> Option<usize> {
         register_thread();
-        let mut sent = 0;
-        for i in 0..n {
-            if self.npending == BURST {
-                sent += self.flush_count();
-            }
-            // SAFETY: pool is the EAL's pool.
-            let m = unsafe { dp_mbuf_alloc(self.pool) };
-            if m.is_null() {
+        // Frames queued by send_burst go first, keeping the order.
+        let mut sent = self.flush_count();
+        let mut i = 0;
+        while i < n {
+            let k = (n - i).min(BURST);
+            let mut mbufs = [std::ptr::null_mut::<RteMbuf>(); BURST];
+            let mut data = [std::ptr::null_mut::<c_void>(); BURST];
+            let mut lens = [0u16; BURST];
+            let mut room = 0u16;
+            // SAFETY: mbufs and data have room for k entries; pool is the EAL's pool.
+            if unsafe { dp_mbuf_alloc_bulk(self.pool, mbufs.as_mut_ptr(), data.as_mut_ptr(), k as u32, &mut room) } == 0 {
                 break;
             }
-            let mut room = 0u16;
-            // SAFETY: m is a fresh single-segment mbuf we own; room receives its tailroom.
-            let p = unsafe { dp_mbuf_room(m, &mut room) };
-            // SAFETY: p points at `room` writable bytes of m's data area, ours until sent.
-            let buf = unsafe { std::slice::from_raw_parts_mut(p as *mut u8, room as usize) };
-            match fill(i, buf) {
-                Some(len) if len <= room as usize => {
-                    // SAFETY: len bytes of m's data area were written by fill.
-                    unsafe { dp_mbuf_set_len(m, len as u16) };
-                    self.pending[self.npending] = m;
-                    self.npending += 1;
-                }
-                // SAFETY: m is ours and not queued.
-                _ => unsafe { dp_mbuf_free(m) },
+            for j in 0..k {
+                // SAFETY: data[j] points at `room` writable bytes of mbufs[j], ours until sent.
+                let buf = unsafe { std::slice::from_raw_parts_mut(data[j] as *mut u8, room as usize) };
+                lens[j] = match fill(i + j, buf) {
+                    Some(len) if len > 0 && len <= room as usize => len as u16,
+                    _ => 0,
+                };
             }
+            // SAFETY: mbufs[..k] are ours; the shim sends or frees every one.
+            sent += unsafe { dp_tx_filled(self.port, mbufs.as_mut_ptr(), lens.as_ptr(), k as u16) } as usize;
+            i += k;
         }
-        Some(sent + self.flush_count())
+        Some(sent)
     }
 
     fn send_burst(&mut self, frames: &[&[u8]]) -> usize {

@@ -76,19 +76,34 @@ struct rte_mbuf *dp_mbuf_from(struct rte_mempool *mp, const void *data, uint16_t
 
 void dp_mbuf_free(struct rte_mbuf *m) { rte_pktmbuf_free(m); }
 
-/* A new empty mbuf; its writable data area and room through dp_mbuf_room. */
-struct rte_mbuf *dp_mbuf_alloc(struct rte_mempool *mp) { return rte_pktmbuf_alloc(mp); }
-
-/* The data pointer of an empty mbuf; *room is how many bytes may be written there. */
-void *dp_mbuf_room(struct rte_mbuf *m, uint16_t *room)
+/* Allocates n empty mbufs at once; data[i] is the data pointer of m[i] and
+ * *room the bytes each may hold. Returns n, or 0 when the pool is short. */
+unsigned dp_mbuf_alloc_bulk(struct rte_mempool *mp, struct rte_mbuf **m, void **data, unsigned n, uint16_t *room)
 {
-    *room = rte_pktmbuf_tailroom(m);
-    return rte_pktmbuf_mtod(m, void *);
+    if (n == 0 || rte_pktmbuf_alloc_bulk(mp, m, n) != 0) return 0;
+    for (unsigned i = 0; i < n; i++) data[i] = rte_pktmbuf_mtod(m[i], void *);
+    *room = rte_pktmbuf_tailroom(m[0]);
+    return n;
 }
 
-/* Declares the first len bytes of a single-segment mbuf's data area as its packet. */
-void dp_mbuf_set_len(struct rte_mbuf *m, uint16_t len)
+/* Gives m[i] the length lens[i] (0: not filled, freed instead) and transmits
+ * the filled ones in order; frees what the driver refuses. Returns how many
+ * the driver took. */
+uint16_t dp_tx_filled(uint16_t port, struct rte_mbuf **m, const uint16_t *lens, uint16_t n)
 {
-    m->data_len = len;
-    m->pkt_len = len;
+    uint16_t k = 0;
+    for (uint16_t i = 0; i < n; i++) {
+        if (lens[i] == 0) {
+            rte_pktmbuf_free(m[i]);
+            continue;
+        }
+        m[i]->data_len = lens[i];
+        m[i]->pkt_len = lens[i];
+        m[k++] = m[i];
+    }
+    uint16_t sent = k ? rte_eth_tx_burst(port, 0, m, k) : 0;
+    for (uint16_t j = sent; j < k; j++) rte_pktmbuf_free(m[j]);
+    return sent;
 }
+
+
