@@ -738,12 +738,28 @@ impl ControlSocket {
             std::thread::Builder::new()
                 .name("dp-control".into())
                 .spawn(move || {
+                    // Each client gets its own thread, so a slow one (an
+                    // operator's `dataplane show` while the agent holds a
+                    // connection) never blocks another; at most
+                    // MAX_CONTROL_CLIENTS at once.
+                    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                     while !stop.load(Ordering::Relaxed) {
                         let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
                         // SAFETY: one valid pollfd for the duration of the call.
                         unsafe { libc::poll(&mut pfd, 1, 200) };
-                        if let Ok((stream, _)) = listener.accept() {
+                        let Ok((mut stream, _)) = listener.accept() else { continue };
+                        if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONTROL_CLIENTS {
+                            active.fetch_sub(1, Ordering::AcqRel);
+                            let _ = writeln!(stream, "{}", serde_json::json!({"ok": false, "error": format!("Too many control clients (at most {MAX_CONTROL_CLIENTS} at once); try again")}));
+                            continue;
+                        }
+                        let (inner, active2) = (inner.clone(), active.clone());
+                        let spawned = std::thread::Builder::new().name("dp-control-client".into()).spawn(move || {
                             serve_client(&inner, stream);
+                            active2.fetch_sub(1, Ordering::AcqRel);
+                        });
+                        if spawned.is_err() {
+                            active.fetch_sub(1, Ordering::AcqRel);
                         }
                     }
                 })
@@ -767,6 +783,9 @@ impl Drop for ControlSocket {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// Most control clients served at once.
+const MAX_CONTROL_CLIENTS: usize = 16;
 
 fn serve_client(inner: &Inner, stream: UnixStream) {
     let _ = stream.set_nonblocking(false);
@@ -856,5 +875,20 @@ mod tests {
         assert!(still_allowed(&p, &out));
         // SNAT connections are never judged by security groups.
         assert!(still_allowed(&p, &conn(80, crate::compiler::MARK_SNAT)));
+    }
+
+    #[test]
+    fn a_held_connection_does_not_block_other_clients() {
+        let dp = Dataplane::start("h1", crate::engine::EngineConfig { workers: 1, pin: vec![], busy_rounds: 50 });
+        dp.apply_model(model()).unwrap();
+        let path = std::env::temp_dir().join(format!("dp-control-test-{}.sock", std::process::id()));
+        let _sock = dp.serve_control(&path).unwrap();
+        // An agent that keeps its connection open without asking anything.
+        let held = UnixStream::connect(&path).unwrap();
+        let t = std::time::Instant::now();
+        let ports = request(&path, &Request::Ports).unwrap();
+        assert!(ports.is_array() || ports.is_object(), "{ports}");
+        assert!(t.elapsed() < Duration::from_secs(2), "answer took {:?}", t.elapsed());
+        drop(held);
     }
 }
