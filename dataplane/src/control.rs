@@ -301,6 +301,12 @@ impl Dataplane {
         self.inner.attach_port(port_id, port_id, PortKind::Burst(Box::new(port)), "vhost-user")
     }
 
+    /// Attaches any [`crate::ports::BurstPort`] (a VM port of another kind,
+    /// a test double) as the datapath port of logical port `port_id`.
+    pub fn add_burst_port(&self, port_id: &str, name: &str, port: Box<dyn crate::ports::BurstPort>) -> Result<u32, ControlError> {
+        self.inner.attach_port(port_id, name, PortKind::Burst(port), "burst")
+    }
+
     /// Detaches logical port `port_id`.
     pub fn remove_port(&self, port_id: &str) -> Result<(), ControlError> {
         let mut s = self.inner.state.lock().expect("state lock");

@@ -16,7 +16,7 @@ use crate::flow::FlowKey;
 use crate::mac::MacAddr;
 use crate::packet::{self, Layout, ParseError};
 use crate::pipeline::{DpAction, Pipeline, RecircTable, TraceStep, Translation};
-use crate::ports::{AfPacket, Encap, Tap, Tunnel};
+use crate::ports::{AfPacket, Encap, Tail, Tap, Tunnel};
 
 /// Packets received per port per poll.
 pub const BURST: usize = 32;
@@ -87,6 +87,8 @@ pub struct Port {
     pub name: String,
     io: Mutex<PortKind>,
     fd: i32,
+    /// Whether the port takes frames in two parts (head, tail in another guest's memory).
+    split: bool,
     /// Counters.
     pub counters: PortCounters,
 }
@@ -242,7 +244,8 @@ impl Engine {
             PortKind::Tap(t) => t.fd(),
             PortKind::Underlay(u) => crate::ports::Encap::fd(u),
         };
-        let port = Arc::new(Port { name: name.to_string(), io: Mutex::new(kind), fd, counters: PortCounters::default() });
+        let split = matches!(&kind, PortKind::Burst(b) if b.supports_split());
+        let port = Arc::new(Port { name: name.to_string(), io: Mutex::new(kind), fd, split, counters: PortCounters::default() });
         let mut list = self.shared.ports.write().expect("ports lock");
         let slot = list.iter().position(Option::is_none);
         let idx = match slot {
@@ -379,22 +382,48 @@ fn tsc() -> u64 {
     }
 }
 
-/// A packet buffer with headroom for pushed headers.
+/// A packet buffer with headroom for pushed headers. A large frame from a
+/// port that splits ([`crate::ports::BurstPort::recv_burst_split`]) holds
+/// only its head here; the rest (`tail`) stays in the sending guest's
+/// memory until the frame is sent (one copy, guest to guest) or something
+/// needs the whole frame ([`Buf::join`]).
 struct Buf {
     data: Box<[u8]>,
     start: usize,
+    /// The frame's length, tail included.
     len: usize,
+    tail: Tail,
 }
 
 impl Buf {
     fn new() -> Buf {
-        Buf { data: vec![0u8; BUF_SIZE].into_boxed_slice(), start: HEADROOM, len: 0 }
+        Buf { data: vec![0u8; BUF_SIZE].into_boxed_slice(), start: HEADROOM, len: 0, tail: Tail::NONE }
     }
+    /// The whole frame; only for a frame without a tail.
     fn frame(&self) -> &[u8] {
+        debug_assert_eq!(self.tail.len, 0, "frame() of a split frame");
         &self.data[self.start..self.start + self.len]
     }
-    fn frame_mut(&mut self) -> &mut [u8] {
-        &mut self.data[self.start..self.start + self.len]
+    /// The bytes held here: the whole frame, or the head of a split one.
+    fn head(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.len - self.tail.len]
+    }
+    fn head_mut(&mut self) -> &mut [u8] {
+        let end = self.start + self.len - self.tail.len;
+        &mut self.data[self.start..end]
+    }
+    /// Copies the tail in after the head (the frame is whole afterwards).
+    fn join(&mut self) {
+        if self.tail.len == 0 {
+            return;
+        }
+        let at = self.start + self.len - self.tail.len;
+        // SAFETY: the tail belongs to the receive burst being processed (its
+        // port's rx_done comes after this burst), and the port only splits
+        // frames that fit this buffer whole.
+        let tail = unsafe { self.tail.bytes() };
+        self.data[at..at + tail.len()].copy_from_slice(tail);
+        self.tail = Tail::NONE;
     }
 }
 
@@ -561,6 +590,26 @@ impl<'a> CtLocks<'a> {
     }
 }
 
+/// Whether `a` reads and writes only a frame's headers (Ethernet, IP, the
+/// transport ports and checksums), so that a split frame's head suffices.
+fn touches_headers_only(a: &DpAction) -> bool {
+    matches!(
+        a,
+        DpAction::SetEthSrc(_)
+            | DpAction::SetEthDst(_)
+            | DpAction::SetIpSrc(_)
+            | DpAction::SetIpDst(_)
+            | DpAction::DecTtl
+            | DpAction::PopVlan
+            | DpAction::PushVlan(_)
+            | DpAction::Output(_)
+            | DpAction::OutputInPort
+            | DpAction::Tunnel { .. }
+            | DpAction::LearnNeighbor { .. }
+            | DpAction::Drop(_)
+    )
+}
+
 /// Most frames handed to a port in one call.
 const TX_CHUNK: usize = 64;
 
@@ -589,6 +638,8 @@ struct Worker {
     now: Duration,
     /// Per recirculation pass, the last key looked up in this burst and its actions.
     recent: [(FlowKey, Option<ActRef>); RECENT_PASSES],
+    /// Whether the burst being processed has tails (its port awaits rx_done).
+    rx_split: bool,
 }
 
 /// Passes of a packet that remember their last lookup within a burst.
@@ -616,6 +667,7 @@ impl Worker {
             local: LocalCounters::default(),
             now: Duration::ZERO,
             recent: [(FlowKey::default(), None); RECENT_PASSES],
+            rx_split: false,
         }
     }
 
@@ -707,6 +759,7 @@ impl Worker {
         match &mut *io {
             PortKind::Burst(p) => {
                 let mut lens = [0usize; BURST];
+                let mut tails = [Tail::NONE; BURST];
                 let n = {
                     let mut it = bufs.iter_mut();
                     let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
@@ -714,12 +767,16 @@ impl Worker {
                         b.start = HEADROOM;
                         &mut b.data[HEADROOM..]
                     });
-                    p.recv_burst(&mut slices, &mut lens)
+                    p.recv_burst_split(&mut slices, &mut lens, &mut tails)
                 };
+                let mut split = false;
                 for i in 0..n {
                     bufs[i].len = lens[i];
+                    bufs[i].tail = tails[i];
+                    split |= tails[i].len > 0;
                     meta[i] = (0, Ipv4Addr::UNSPECIFIED);
                 }
+                self.rx_split = split;
                 n
             }
             PortKind::Tunnel(t) => Self::recv_encap(t, bufs, meta),
@@ -736,6 +793,7 @@ impl Worker {
                     };
                     let Some(len) = got else { break };
                     b.len = len;
+                    b.tail = Tail::NONE;
                     meta[n] = (0, Ipv4Addr::UNSPECIFIED);
                     n += 1;
                 }
@@ -758,6 +816,7 @@ impl Worker {
         };
         for i in 0..n {
             bufs[i].len = m[i].0;
+            bufs[i].tail = Tail::NONE;
             meta[i] = (m[i].1, m[i].2);
         }
         n
@@ -779,6 +838,15 @@ impl Worker {
             }
         }
         self.transmit();
+        if self.rx_split {
+            // The tails have been sent or joined: the guest may have its buffers back.
+            self.rx_split = false;
+            if let Some(Some(p)) = self.ports.get(in_port as usize - 1) {
+                if let PortKind::Burst(b) = &mut *p.io.lock().expect("port lock") {
+                    b.rx_done();
+                }
+            }
+        }
     }
 
     /// Publishes the burst's counters: a handful of atomic adds per burst.
@@ -892,7 +960,11 @@ impl Worker {
     fn process(&mut self, i: usize, in_port: u32, ct: &mut CtLocks<'_>) {
         let (vni, remote) = self.meta[i];
         let mut key = FlowKey { in_port, tun_id: vni, tun_src: remote.octets(), ..Default::default() };
-        match packet::parse(self.bufs[i].frame(), &mut key) {
+        let b = &mut self.bufs[i];
+        if b.tail.len > 0 && !packet::headers_in_head(b.head()) {
+            b.join();
+        }
+        match packet::parse_wire(b.head(), b.len, &mut key) {
             Ok(layout) => self.execute(i, key, layout, ct),
             Err(e) => {
                 self.local.parse_errors[e.index()] += 1;
@@ -913,6 +985,13 @@ impl Worker {
     /// Stages packet `i` for output: its own buffer when this is its last
     /// action, otherwise a copy of the frame as it is now.
     fn stage(&mut self, i: usize, port: u32, tunnel: Option<(u32, Ipv4Addr)>, last: bool) {
+        if self.bufs[i].tail.len > 0 {
+            // Only the frame's last output to a port that takes split frames keeps the tail.
+            let split_ok = last && tunnel.is_none() && matches!(self.ports.get((port as usize).wrapping_sub(1)), Some(Some(p)) if p.split);
+            if !split_ok {
+                self.bufs[i].join();
+            }
+        }
         let src = if last {
             TxSrc::Rx(i as u16)
         } else {
@@ -933,19 +1012,23 @@ impl Worker {
             let n = self.actions_len(r);
             for j in 0..n {
                 let last = j + 1 == n;
-                match self.action(r, j) {
-                    DpAction::SetEthSrc(m) => packet::set_eth_src(self.bufs[i].frame_mut(), m),
-                    DpAction::SetEthDst(m) => packet::set_eth_dst(self.bufs[i].frame_mut(), m),
+                let action = self.action(r, j);
+                if self.bufs[i].tail.len > 0 && !touches_headers_only(&action) {
+                    self.bufs[i].join();
+                }
+                match action {
+                    DpAction::SetEthSrc(m) => packet::set_eth_src(self.bufs[i].head_mut(), m),
+                    DpAction::SetEthDst(m) => packet::set_eth_dst(self.bufs[i].head_mut(), m),
                     DpAction::SetIpSrc(ip) => {
-                        packet::set_ip(self.bufs[i].frame_mut(), &layout, &key, false, &ip);
+                        packet::set_ip(self.bufs[i].head_mut(), &layout, &key, false, &ip);
                         key.ip_src = ip;
                     }
                     DpAction::SetIpDst(ip) => {
-                        packet::set_ip(self.bufs[i].frame_mut(), &layout, &key, true, &ip);
+                        packet::set_ip(self.bufs[i].head_mut(), &layout, &key, true, &ip);
                         key.ip_dst = ip;
                     }
                     DpAction::DecTtl => {
-                        if !packet::dec_ttl(self.bufs[i].frame_mut(), &layout, &key) {
+                        if !packet::dec_ttl(self.bufs[i].head_mut(), &layout, &key) {
                             self.drop("TTL expired");
                             return;
                         }
@@ -1000,15 +1083,15 @@ impl Worker {
                         ct.get(c.zone).process(&mut buf.data[s..s + l], &layout, &mut key, &c, self.now);
                         if recirc != 0 {
                             key.recirc_id = recirc;
-                            match packet::parse(self.bufs[i].frame(), &mut key) {
+                            match packet::parse(self.bufs[i].head(), &mut key) {
                                 Ok(l) => layout = l,
                                 Err(_) => return,
                             }
                             continue 'passes;
                         }
                     }
-                    DpAction::ArpReply(m) => packet::make_arp_reply(self.bufs[i].frame_mut(), &layout, m),
-                    DpAction::EchoReply(m) => packet::make_echo_reply(self.bufs[i].frame_mut(), &layout, &key, m),
+                    DpAction::ArpReply(m) => packet::make_arp_reply(self.bufs[i].head_mut(), &layout, m),
+                    DpAction::EchoReply(m) => packet::make_echo_reply(self.bufs[i].head_mut(), &layout, &key, m),
                     DpAction::NdAdvert(m) => {
                         let buf = &mut self.bufs[i];
                         let n = packet::write_neighbor_advert(&mut buf.data[HEADROOM..], &key, m);
@@ -1044,7 +1127,7 @@ impl Worker {
                         }
                     }
                     DpAction::ArpResolve { port, vlan, net: _, target } => {
-                        let f = self.bufs[i].frame();
+                        let f = self.bufs[i].head();
                         let mac = MacAddr(f[6..12].try_into().unwrap_or([0; 6]));
                         let spa = key.ip_src[12..16].try_into().unwrap_or([0; 4]);
                         let c = self.copy_slot();
@@ -1117,6 +1200,33 @@ impl Worker {
         {
             let mut io = p.io.lock().expect("port lock");
             match &mut *io {
+                PortKind::Burst(b) if p.split => {
+                    // (head, tail) pairs; a tail is only here while its receive burst is open.
+                    let parts = |e: &TxEntry| -> (&[u8], &[u8]) {
+                        match e.src {
+                            // SAFETY: the tail's port gets rx_done only after this transmit.
+                            TxSrc::Rx(i) => (bufs[i as usize].head(), unsafe { bufs[i as usize].tail.bytes() }),
+                            TxSrc::Copy(c) => (copies[c as usize].frame(), &[]),
+                        }
+                    };
+                    let mut frames: [(&[u8], &[u8]); TX_CHUNK] = [(&[], &[]); TX_CHUNK];
+                    let mut m = 0;
+                    for e in entries {
+                        total += 1;
+                        if e.tunnel.is_some() {
+                            continue;
+                        }
+                        frames[m] = parts(e);
+                        m += 1;
+                        if m == TX_CHUNK {
+                            sent += b.send_burst_split(&frames[..m]);
+                            m = 0;
+                        }
+                    }
+                    if m > 0 {
+                        sent += b.send_burst_split(&frames[..m]);
+                    }
+                }
                 PortKind::Burst(b) => {
                     let mut frames: [&[u8]; TX_CHUNK] = [&[]; TX_CHUNK];
                     let mut m = 0;

@@ -69,6 +69,33 @@ fn slice(b: &[u8], off: usize, len: usize) -> Option<&[u8]> {
 
 /// Parses `frame` into `key`'s packet fields (metadata fields are left alone).
 pub fn parse(frame: &[u8], key: &mut FlowKey) -> Result<Layout, ParseError> {
+    parse_wire(frame, frame.len(), key)
+}
+
+/// Whether the headers of a frame that starts with `head` lie within its
+/// first `SPLIT_HEAD` bytes whatever their options: untagged IPv4 carrying
+/// TCP, UDP or ICMP (at most 14 + 60 + 60 bytes), or untagged IPv6 whose
+/// next header is TCP or UDP (at most 14 + 40 + 60). Such a frame can be
+/// parsed and forwarded from its head alone (see [`parse_wire`]).
+pub fn headers_in_head(head: &[u8]) -> bool {
+    if head.len() < SPLIT_HEAD {
+        return false;
+    }
+    match u16::from_be_bytes([head[12], head[13]]) {
+        ethertype::IPV4 => matches!(head[23], proto::TCP | proto::UDP | proto::ICMP),
+        ethertype::IPV6 => matches!(head[20], proto::TCP | proto::UDP),
+        _ => false,
+    }
+}
+
+/// Bytes of a large frame a port copies before leaving the rest in place.
+pub const SPLIT_HEAD: usize = 256;
+
+/// Parses a frame of `wire_len` bytes of which `frame` holds the first ones
+/// (all of them, or a head for which [`headers_in_head`] holds): lengths in
+/// the headers are checked against `wire_len`, and only bytes of `frame`
+/// are read.
+pub fn parse_wire(frame: &[u8], wire_len: usize, key: &mut FlowKey) -> Result<Layout, ParseError> {
     // Reset packet fields, keep in_port/recirc/tunnel/ct metadata and registers.
     key.eth_type = 0;
     key.vlan_tci = 0;
@@ -116,7 +143,7 @@ pub fn parse(frame: &[u8], key: &mut FlowKey) -> Result<Layout, ParseError> {
             let ip = slice(frame, off, 20).ok_or(ParseError::BadIpv4)?;
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
             let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-            if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || off + total > frame.len() {
+            if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || off + total > wire_len {
                 return Err(ParseError::BadIpv4);
             }
             key.ip_ttl = ip[8];
@@ -134,7 +161,8 @@ pub fn parse(frame: &[u8], key: &mut FlowKey) -> Result<Layout, ParseError> {
             let l4 = off + ihl;
             layout.l4 = l4 as u16;
             if key.ip_frag != frag::LATER {
-                layout.l7 = parse_l4(&frame[..off + total], l4, key)? as u16;
+                let end = off + total;
+                layout.l7 = parse_l4(&frame[..end.min(frame.len())], l4, end, key)? as u16;
             }
         }
         ethertype::IPV6 => {
@@ -144,13 +172,13 @@ pub fn parse(frame: &[u8], key: &mut FlowKey) -> Result<Layout, ParseError> {
             }
             let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
             let end = off + 40 + payload;
-            if end > frame.len() {
+            if end > wire_len {
                 return Err(ParseError::BadIpv6);
             }
             key.ip_ttl = ip[7];
             key.ip_src.copy_from_slice(&ip[8..24]);
             key.ip_dst.copy_from_slice(&ip[24..40]);
-            let frame = &frame[..end];
+            let frame = &frame[..end.min(frame.len())];
             let mut next = ip[6];
             let mut l4 = off + 40;
             // Walk at most a few extension headers.
@@ -171,13 +199,13 @@ pub fn parse(frame: &[u8], key: &mut FlowKey) -> Result<Layout, ParseError> {
                     _ => break,
                 }
             }
-            if l4 > frame.len() {
+            if l4 > end {
                 return Err(ParseError::BadIpv6);
             }
             key.ip_proto = next;
             layout.l4 = l4 as u16;
             if key.ip_frag != frag::LATER {
-                layout.l7 = parse_l4(frame, l4, key)? as u16;
+                layout.l7 = parse_l4(frame, l4, end, key)? as u16;
             }
         }
         _ => {}
@@ -185,13 +213,14 @@ pub fn parse(frame: &[u8], key: &mut FlowKey) -> Result<Layout, ParseError> {
     Ok(layout)
 }
 
-/// Parses the transport header at `l4` inside `frame` (already cut to the IP length).
-fn parse_l4(frame: &[u8], l4: usize, key: &mut FlowKey) -> Result<usize, ParseError> {
+/// Parses the transport header at `l4` inside `frame` (cut to the IP
+/// length, or a head of it), where the IP packet ends at `end`.
+fn parse_l4(frame: &[u8], l4: usize, end: usize, key: &mut FlowKey) -> Result<usize, ParseError> {
     match key.ip_proto {
         proto::TCP => {
             let h = slice(frame, l4, 20).ok_or(ParseError::BadL4)?;
             let doff = ((h[12] >> 4) as usize) * 4;
-            if doff < 20 || l4 + doff > frame.len() {
+            if doff < 20 || l4 + doff > end {
                 return Err(ParseError::BadL4);
             }
             key.l4_src = u16::from_be_bytes([h[0], h[1]]);
@@ -201,7 +230,7 @@ fn parse_l4(frame: &[u8], l4: usize, key: &mut FlowKey) -> Result<usize, ParseEr
         proto::UDP => {
             let h = slice(frame, l4, 8).ok_or(ParseError::BadL4)?;
             let len = u16::from_be_bytes([h[4], h[5]]) as usize;
-            if len < 8 || l4 + len > frame.len() {
+            if len < 8 || l4 + len > end {
                 return Err(ParseError::BadL4);
             }
             key.l4_src = u16::from_be_bytes([h[0], h[1]]);

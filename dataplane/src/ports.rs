@@ -31,9 +31,73 @@ pub trait BurstPort: Send {
         let _ = (n, fill);
         None
     }
+    /// Like [`BurstPort::recv_burst`], but a port may leave the end of a
+    /// large frame where it is (in the sending guest's memory): `bufs[i]`
+    /// then holds only the first `lens[i] - tails[i].len` bytes and
+    /// `tails[i]` points at the rest. Tails stay valid, and the guest does
+    /// not get those buffers back, until [`BurstPort::rx_done`].
+    fn recv_burst_split(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize], tails: &mut [Tail]) -> usize {
+        let n = self.recv_burst(bufs, lens);
+        tails[..n].fill(Tail::NONE);
+        n
+    }
+    /// Ends the last [`BurstPort::recv_burst_split`]: its tails are no longer used.
+    fn rx_done(&mut self) {}
+    /// Whether [`BurstPort::send_burst_split`] takes frames in two parts
+    /// without first joining them.
+    fn supports_split(&self) -> bool {
+        false
+    }
+    /// Transmits frames given as (head, tail) pairs, one frame each; only
+    /// called when [`BurstPort::supports_split`].
+    fn send_burst_split(&mut self, frames: &[(&[u8], &[u8])]) -> usize {
+        let mut sent = 0;
+        let mut joined = Vec::new();
+        for (head, tail) in frames {
+            joined.clear();
+            joined.extend_from_slice(head);
+            joined.extend_from_slice(tail);
+            sent += self.send_burst(&[&joined[..]]);
+        }
+        sent
+    }
     /// A descriptor that turns readable when frames may be waiting (for poll(2)), or -1.
     fn fd(&self) -> RawFd;
 }
+
+/// The end of a received frame left in the sending guest's memory (see
+/// [`BurstPort::recv_burst_split`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Tail {
+    /// Where the bytes are.
+    pub ptr: *const u8,
+    /// How many; 0 when the whole frame was copied.
+    pub len: usize,
+}
+
+impl Tail {
+    /// No tail: the frame was copied whole.
+    pub const NONE: Tail = Tail { ptr: std::ptr::null(), len: 0 };
+
+    /// The bytes.
+    ///
+    /// # Safety
+    /// The port that produced the tail must not have seen `rx_done` since.
+    pub unsafe fn bytes<'a>(&self) -> &'a [u8] {
+        if self.len == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller keeps the producing port's receive burst open, so
+            // ptr..ptr+len stays mapped and owned by us (the port checked the range).
+            unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        }
+    }
+}
+
+// SAFETY: a tail is an address inside a guest memory mapping kept alive by
+// its port; it moves between threads only inside the worker that owns the
+// receive burst it belongs to.
+unsafe impl Send for Tail {}
 
 /// Most datagrams the VXLAN port moves per system call.
 pub const TUNNEL_BATCH: usize = 64;

@@ -30,7 +30,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::ports::BurstPort;
+use crate::packet::SPLIT_HEAD;
+use crate::ports::{BurstPort, Tail};
 
 /// Guest memory as the vhost-user backend maps it (no dirty-page bitmap).
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -319,6 +320,11 @@ pub struct VhostUserPort {
     rx_cursor: usize,
     /// Per transmit vring: whether we asked the guest for kicks.
     kicks_on: [bool; MAX_QUEUE_PAIRS as usize],
+    /// Per transmit vring: the used index to publish at rx_done (a burst
+    /// with tails keeps its chains until they are sent).
+    deferred: [Option<u16>; MAX_QUEUE_PAIRS as usize],
+    /// A burst with tails is open: the memory map must not change.
+    rx_pending: bool,
     /// Per receive vring: whether the guest was told not to kick when it adds buffers.
     rx_kicks_off: [bool; MAX_QUEUE_PAIRS as usize],
     /// Per transmit vring: since when it has been found empty (kicks still off).
@@ -376,6 +382,8 @@ impl VhostUserPort {
             rx_cursor: 0,
             kicks_on: [true; MAX_QUEUE_PAIRS as usize],
             rx_kicks_off: [false; MAX_QUEUE_PAIRS as usize],
+            deferred: [None; MAX_QUEUE_PAIRS as usize],
+            rx_pending: false,
             empty_since: [None; MAX_QUEUE_PAIRS as usize],
             map: GuestMap::default(),
             empty_polls: [0; MAX_QUEUE_PAIRS as usize],
@@ -411,7 +419,8 @@ impl VhostUserPort {
 
     fn refresh(&mut self) {
         let g = self.shared.generation.load(Ordering::Acquire);
-        if g == self.generation {
+        if g == self.generation || self.rx_pending {
+            // (A new connection is picked up after the open burst's rx_done.)
             return;
         }
         self.generation = g;
@@ -796,12 +805,37 @@ fn prefetch_chains(map: &mut GuestMap, ring: &Ring, from: u16, count: usize, wri
     }
 }
 
+/// Writes bytes `from..from + k` of the frame made of `parts` (head, then
+/// tail) to guest address `addr`.
+fn write_parts(map: &mut GuestMap, addr: u64, parts: (&[u8], &[u8]), from: usize, k: usize) -> bool {
+    let (head, tail) = parts;
+    let (mut addr, mut from, mut k) = (addr, from, k);
+    if from < head.len() {
+        let n = k.min(head.len() - from);
+        if !map.write(addr, &head[from..from + n]) {
+            return false;
+        }
+        addr += n as u64;
+        from += n;
+        k -= n;
+    }
+    if k > 0 {
+        let o = from - head.len();
+        return map.write(addr, &tail[o..o + k]);
+    }
+    true
+}
+
+/// Frames longer than this are split when the caller takes tails.
+const SPLIT_MIN: usize = 512;
+
 /// Copies the frame of a guest transmit chain (after the virtio-net header)
 /// into `out`; None when the chain is malformed or the frame does not fit.
-fn read_chain(map: &mut GuestMap, ring: &Ring, head: u16, hdr_len: usize, out: &mut [u8]) -> Option<usize> {
+fn read_chain(map: &mut GuestMap, ring: &Ring, head: u16, hdr_len: usize, out: &mut [u8], tail: Option<&mut Tail>) -> Option<usize> {
     let mut skip = hdr_len;
     let mut len = 0;
     let mut idx = head;
+    let mut tail = tail;
     for _ in 0..ring.size {
         let (addr, dlen, flags, next) = ring.desc(idx)?;
         if flags & (VRING_DESC_F_WRITE | VRING_DESC_F_INDIRECT) != 0 {
@@ -814,6 +848,16 @@ fn read_chain(map: &mut GuestMap, ring: &Ring, head: u16, hdr_len: usize, out: &
             addr += s as u64;
             dl -= s;
             skip -= s;
+        }
+        // A large frame in one buffer: copy its head, leave the rest in place.
+        if len == 0 && dl > SPLIT_MIN && dl <= out.len() && flags & VRING_DESC_F_NEXT == 0 && skip == 0 {
+            if let (Some(t), Some(p)) = (tail.as_deref_mut(), map.translate(addr, dl)) {
+                // SAFETY: translate checked dl bytes at p; SPLIT_HEAD < SPLIT_MIN < dl.
+                unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), SPLIT_HEAD) };
+                // SAFETY: as above, p + SPLIT_HEAD .. p + dl is inside the checked range.
+                *t = Tail { ptr: unsafe { p.add(SPLIT_HEAD) }, len: dl - SPLIT_HEAD };
+                return Some(dl);
+            }
         }
         if dl > 0 {
             if len + dl > out.len() || !map.read(addr, &mut out[len..len + dl]) {
@@ -833,14 +877,15 @@ impl VhostUserPort {
     /// Picks up a new guest memory table (one atomic load per burst).
     fn sync_memory(&mut self, conn: &Connection) {
         let g = self.shared.mem_generation.load(Ordering::Acquire);
-        if g != self.map.generation || self.map.mem.is_none() {
+        if (g != self.map.generation || self.map.mem.is_none()) && !self.rx_pending {
             self.map.load(conn.mem.memory().into_inner(), g);
         }
     }
 
     /// Takes up to `bufs.len() - n` frames from guest transmit queue `q`:
     /// one vring lock, one read of the avail index, one used-index publish.
-    fn poll_queue(&mut self, conn: &Connection, q: usize, hdr_len: usize, bufs: &mut [&mut [u8]], lens: &mut [usize], mut n: usize) -> usize {
+    fn poll_queue(&mut self, conn: &Connection, q: usize, hdr_len: usize, out: &mut RxOut<'_, '_>, mut n: usize) -> usize {
+        let RxOut { bufs, lens, tails } = out;
         let mut st = conn.vrings[2 * q + 1].get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
             return n;
@@ -851,15 +896,21 @@ impl VhostUserPort {
         let pending = ring.avail_idx().wrapping_sub(next_avail);
         let take = if pending > ring.size { 0 } else { (pending as usize).min(bufs.len() - n) };
         let mut bad = 0u64;
+        let mut split = false;
         if take > 0 {
             prefetch_chains(&mut self.map, &ring, next_avail, take, false);
         }
         for _ in 0..take {
             let head = ring.avail_entry(next_avail);
             next_avail = next_avail.wrapping_add(1);
-            match read_chain(&mut self.map, &ring, head, hdr_len, &mut *bufs[n]) {
+            let tail = tails.as_deref_mut().map(|t| {
+                t[n] = Tail::NONE;
+                &mut t[n]
+            });
+            match read_chain(&mut self.map, &ring, head, hdr_len, &mut *bufs[n], tail) {
                 Some(l) => {
                     lens[n] = l;
+                    split |= tails.as_deref().is_some_and(|t| t[n].len > 0);
                     n += 1;
                 }
                 None => bad += 1,
@@ -871,7 +922,13 @@ impl VhostUserPort {
             self.shared.counters.rx_bad_chains.fetch_add(bad, Ordering::Relaxed);
         }
         if take > 0 {
-            ring.publish_used(next_used);
+            if split {
+                // The guest gets these chains back at rx_done, once the tails are sent.
+                self.deferred[q] = Some(next_used);
+                self.rx_pending = true;
+            } else {
+                ring.publish_used(next_used);
+            }
             queue.set_next_avail(next_avail);
             queue.set_next_used(next_used);
             self.shared.counters.rx_per_queue[q].fetch_add(take as u64, Ordering::Relaxed);
@@ -882,7 +939,7 @@ impl VhostUserPort {
                 }
                 self.kicks_on[q] = false;
             }
-            if ring.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0 {
+            if !split && ring.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0 {
                 self.shared.counters.calls.fetch_add(1, Ordering::Relaxed);
                 let _ = st.signal_used_queue();
             }
@@ -906,14 +963,14 @@ impl VhostUserPort {
         n
     }
 
-    fn poll_queues(&mut self, conn: &Connection, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
+    fn poll_queues(&mut self, conn: &Connection, out: &mut RxOut<'_, '_>) -> usize {
         self.sync_memory(conn);
         let hdr_len = header_len(self.features());
         let mut n = 0;
         for k in 0..self.pairs {
             let q = (self.rx_cursor + k) % self.pairs;
-            n = self.poll_queue(conn, q, hdr_len, bufs, lens, n);
-            if n == bufs.len() {
+            n = self.poll_queue(conn, q, hdr_len, out, n);
+            if n == out.bufs.len() {
                 break;
             }
         }
@@ -923,9 +980,30 @@ impl VhostUserPort {
         n
     }
 
+    /// Gives the guest back the transmit chains of the burst that handed
+    /// out tails: one used-index publish and at most one call per queue.
+    fn publish_deferred(&mut self) {
+        self.rx_pending = false;
+        let Some(conn) = self.conn.clone() else {
+            self.deferred = [None; MAX_QUEUE_PAIRS as usize];
+            return;
+        };
+        for q in 0..self.pairs.min(MAX_QUEUE_PAIRS as usize) {
+            let Some(idx) = self.deferred[q].take() else { continue };
+            let st = conn.vrings[2 * q + 1].get_mut();
+            let Some(ring) = self.map.ring(2 * q + 1, st.get_queue()) else { continue };
+            ring.publish_used(idx);
+            if ring.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0 {
+                self.shared.counters.calls.fetch_add(1, Ordering::Relaxed);
+                let _ = st.signal_used_queue();
+            }
+        }
+    }
+
     /// Puts the frames `pick` selects onto guest receive queue `q`: one vring
     /// lock, one used-index publish, at most one call. Returns how many went.
-    fn send_queue(&mut self, conn: &Connection, q: usize, frames: &[&[u8]], pick: impl Fn(usize) -> bool) -> usize {
+    /// A frame is given in two parts (head, tail), written one after the other.
+    fn send_queue(&mut self, conn: &Connection, q: usize, frames: &[(&[u8], &[u8])], pick: impl Fn(usize) -> bool) -> usize {
         let features = self.features();
         let max_chains = if features & VIRTIO_NET_F_MRG_RXBUF != 0 { MAX_MERGE } else { 1 };
         let hdr_len = header_len(features);
@@ -952,16 +1030,17 @@ impl VhostUserPort {
             prefetch_chains(&mut self.map, &ring, next_avail, ready.min(frames.len()), true);
         }
         let (mut sent, mut no_buffers) = (0usize, false);
-        for (fi, frame) in frames.iter().enumerate() {
+        for (fi, &parts) in frames.iter().enumerate() {
             if !pick(fi) {
                 continue;
             }
+            let frame_len = parts.0.len() + parts.1.len();
             let (start_avail, start_used) = (next_avail, next_used);
             let mut written = 0usize;
             let mut hdr_at: Option<u64> = None;
             let mut nb = 0u16;
             let ok = loop {
-                if written == frame.len() && hdr_at.is_some() {
+                if written == frame_len && hdr_at.is_some() {
                     break true;
                 }
                 if nb as usize == max_chains {
@@ -1000,16 +1079,16 @@ impl VhostUserPort {
                         room -= hdr_len;
                         chain_len += hdr_len;
                     }
-                    let k = room.min(frame.len() - written);
+                    let k = room.min(frame_len - written);
                     if k > 0 {
-                        if !self.map.write(addr, &frame[written..written + k]) {
+                        if !write_parts(&mut self.map, addr, parts, written, k) {
                             bad = true;
                             break;
                         }
                         written += k;
                         chain_len += k;
                     }
-                    if written == frame.len() || flags & VRING_DESC_F_NEXT == 0 {
+                    if written == frame_len || flags & VRING_DESC_F_NEXT == 0 {
                         break;
                     }
                     idx = next;
@@ -1047,19 +1126,30 @@ impl VhostUserPort {
     }
 }
 
-impl BurstPort for VhostUserPort {
-    fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
+/// Where a receive burst goes: frames (or heads), lengths, and tails when the caller takes them.
+struct RxOut<'a, 'b> {
+    bufs: &'a mut [&'b mut [u8]],
+    lens: &'a mut [usize],
+    tails: Option<&'a mut [Tail]>,
+}
+
+impl VhostUserPort {
+    fn recv_inner(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize], tails: Option<&mut [Tail]>) -> usize {
+        if self.rx_pending {
+            // The previous burst was never finished (its caller dropped it): finish it now.
+            self.publish_deferred();
+        }
         if self.shared.wake_pending.load(Ordering::Relaxed) && self.shared.wake_pending.swap(false, Ordering::AcqRel) {
             let _ = self.shared.wake.read();
         }
         self.refresh();
         let Some(conn) = self.conn.take() else { return 0 };
-        let n = self.poll_queues(&conn, bufs, lens);
+        let n = self.poll_queues(&conn, &mut RxOut { bufs, lens, tails });
         self.conn = Some(conn);
         n
     }
 
-    fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+    fn send_split(&mut self, frames: &[(&[u8], &[u8])]) -> usize {
         self.refresh();
         let Some(conn) = self.conn.take() else { return 0 };
         self.sync_memory(&conn);
@@ -1070,7 +1160,7 @@ impl BurstPort for VhostUserPort {
             let mut which = [0u8; 256];
             let n = frames.len().min(which.len());
             for (i, f) in frames[..n].iter().enumerate() {
-                which[i] = flow_queue(f, self.pairs) as u8;
+                which[i] = flow_queue(f.0, self.pairs) as u8;
             }
             for q in 1..self.pairs {
                 if which[..n].contains(&(q as u8)) && !conn.vrings[2 * q].get_ref().is_enabled() {
@@ -1083,6 +1173,42 @@ impl BurstPort for VhostUserPort {
             self.shared.counters.tx_no_buffers.fetch_add((frames.len() - sent) as u64, Ordering::Relaxed);
         }
         self.conn = Some(conn);
+        sent
+    }
+}
+
+impl BurstPort for VhostUserPort {
+    fn recv_burst(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize]) -> usize {
+        self.recv_inner(bufs, lens, None)
+    }
+
+    fn recv_burst_split(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize], tails: &mut [Tail]) -> usize {
+        self.recv_inner(bufs, lens, Some(tails))
+    }
+
+    fn rx_done(&mut self) {
+        if self.rx_pending {
+            self.publish_deferred();
+        }
+    }
+
+    fn supports_split(&self) -> bool {
+        true
+    }
+
+    fn send_burst_split(&mut self, frames: &[(&[u8], &[u8])]) -> usize {
+        self.send_split(frames)
+    }
+
+    fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+        let mut sent = 0;
+        for chunk in frames.chunks(64) {
+            let mut pairs: [(&[u8], &[u8]); 64] = [(&[], &[]); 64];
+            for (p, f) in pairs.iter_mut().zip(chunk) {
+                *p = (f, &[]);
+            }
+            sent += self.send_split(&pairs[..chunk.len()]);
+        }
         sent
     }
 
