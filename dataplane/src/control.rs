@@ -348,15 +348,21 @@ impl Dataplane {
         let sock = crate::ports::AfPacket::open(ifname, netns)?;
         let name = ifname.to_string();
         let (mac, neighbors) = crate::ports::in_netns(netns, move || Ok((crate::ports::interface_mac(&name)?, crate::ports::read_neighbors())))?;
-        self.add_vxlan_underlay_port(local, Box::new(sock), mac, neighbors, ifname)
+        self.add_vxlan_underlay_port(local, Box::new(sock), mac, neighbors, None, ifname)
     }
 
     /// Opens the VXLAN port with encapsulation done in the datapath over any
     /// frame port (a DPDK NIC, for instance) that owns underlay address
-    /// `local` with MAC `mac`; `neighbors` are the remote endpoints' (or next
-    /// hops') MACs. `name` is what `show ports` calls the underlay.
-    pub fn add_vxlan_underlay_port(&self, local: Ipv4Addr, port: Box<dyn crate::ports::BurstPort>, mac: [u8; 6], neighbors: Vec<(Ipv4Addr, [u8; 6])>, name: &str) -> Result<u32, ControlError> {
-        let u = crate::ports::VxlanUnderlay::new(port, local, mac, neighbors);
+    /// `local` with MAC `mac`; `neighbors` are MACs already known for remote
+    /// endpoints or next hops (others are resolved with ARP on the port);
+    /// `gateway` (prefix length of `local`'s subnet, router) is where
+    /// remotes off that subnet are sent. `name` is what `show ports` calls
+    /// the underlay.
+    pub fn add_vxlan_underlay_port(&self, local: Ipv4Addr, port: Box<dyn crate::ports::BurstPort>, mac: [u8; 6], neighbors: Vec<(Ipv4Addr, [u8; 6])>, gateway: Option<(u8, Ipv4Addr)>, name: &str) -> Result<u32, ControlError> {
+        let mut u = crate::ports::VxlanUnderlay::new(port, local, mac, neighbors);
+        if let Some((len, gw)) = gateway {
+            u.set_gateway(len, gw);
+        }
         let no = self.inner.engine.add_port("vxlan", PortKind::Underlay(u));
         let mut s = self.inner.state.lock().expect("state lock");
         s.host.tunnel_port = Some(no);

@@ -9,6 +9,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::packet::{parse_vxlan, write_vxlan, VXLAN_HEADER_LEN, VXLAN_PORT};
 
@@ -662,12 +663,27 @@ pub struct VxlanUnderlay {
     local_ip: Ipv4Addr,
     local_mac: [u8; 6],
     neighbors: Vec<(Ipv4Addr, [u8; 6])>,
+    /// Remotes outside `local_ip/prefix` are reached through this router.
+    gateway: Option<(u8, Ipv4Addr)>,
+    /// When an ARP request last went out, per address being resolved.
+    asked: Vec<(Ipv4Addr, Instant)>,
+    /// ARP frames to send at the end of the current call.
+    arp_out: Vec<Vec<u8>>,
     /// Encapsulation buffers, reused every burst.
     out: Vec<Box<[u8]>>,
     ip_id: u16,
     /// Frames dropped because the remote's MAC was unknown.
     pub no_neighbor: u64,
+    /// ARP requests sent for remotes (or the gateway) with no known MAC.
+    pub arp_requests: u64,
+    /// ARP requests for our address answered.
+    pub arp_replies: u64,
 }
+
+/// Most underlay neighbours remembered.
+const MAX_UNDERLAY_NEIGHBORS: usize = 4096;
+/// At most one ARP request per address per this long.
+const ARP_RETRY: Duration = Duration::from_secs(1);
 
 /// A hash of bytes 6..38 of a frame (source MAC, ethertype and, for IPv4,
 /// the addresses and ports): four word loads and multiplies, where a byte
@@ -682,14 +698,116 @@ fn flow_entropy(f: &[u8]) -> u32 {
 impl VxlanUnderlay {
     /// An endpoint on `local_ip` with MAC `local_mac`, sending through `port`.
     pub fn new(port: Box<dyn BurstPort>, local_ip: Ipv4Addr, local_mac: [u8; 6], neighbors: Vec<(Ipv4Addr, [u8; 6])>) -> VxlanUnderlay {
-        VxlanUnderlay { port, local_ip, local_mac, neighbors, out: Vec::new(), ip_id: 0, no_neighbor: 0 }
+        VxlanUnderlay { port, local_ip, local_mac, neighbors, gateway: None, asked: Vec::new(), arp_out: Vec::new(), out: Vec::new(), ip_id: 0, no_neighbor: 0, arp_requests: 0, arp_replies: 0 }
+    }
+
+    /// Sends traffic for remotes outside `local_ip/prefix_len` to `gateway`
+    /// (whose MAC is resolved like any neighbour's).
+    pub fn set_gateway(&mut self, prefix_len: u8, gateway: Ipv4Addr) {
+        self.gateway = Some((prefix_len.min(32), gateway));
+    }
+
+    /// The address whose MAC a frame to `remote` goes to.
+    fn next_hop(&self, remote: Ipv4Addr) -> Ipv4Addr {
+        match self.gateway {
+            Some((len, gw)) => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+                if u32::from(remote) & mask == u32::from(self.local_ip) & mask {
+                    remote
+                } else {
+                    gw
+                }
+            }
+            None => remote,
+        }
+    }
+
+    /// The MAC for frames to `remote`; when unknown, asks for it (at most
+    /// once a second per address) and counts the drop.
+    fn resolve(&mut self, remote: Ipv4Addr) -> Option<[u8; 6]> {
+        let hop = self.next_hop(remote);
+        if let Some(m) = self.neighbor(hop) {
+            return Some(m);
+        }
+        self.no_neighbor += 1;
+        let now = Instant::now();
+        match self.asked.iter_mut().find(|(ip, _)| *ip == hop) {
+            Some((_, t)) if now.duration_since(*t) < ARP_RETRY => return None,
+            Some((_, t)) => *t = now,
+            None => {
+                if self.asked.len() >= MAX_UNDERLAY_NEIGHBORS {
+                    self.asked.remove(0);
+                }
+                self.asked.push((hop, now));
+            }
+        }
+        let mut f = vec![0u8; 60];
+        let n = crate::packet::write_arp_request(&mut f, crate::mac::MacAddr(self.local_mac), self.local_ip.octets(), hop.octets(), 0);
+        f.truncate(n.max(60));
+        self.arp_out.push(f);
+        self.arp_requests += 1;
+        None
+    }
+
+    /// Handles an ARP frame from the underlay: learns the sender when the
+    /// frame is for us (or the sender is known already) and answers requests
+    /// for our address. Returns false when `f` is not ARP.
+    fn handle_arp(&mut self, f: &[u8]) -> bool {
+        if f.len() < 42 || f[12..14] != [0x08, 0x06] {
+            return false;
+        }
+        let a = &f[14..42];
+        if a[0..2] != [0, 1] || a[2..4] != [8, 0] || a[4] != 6 || a[5] != 4 {
+            return true;
+        }
+        let op = u16::from_be_bytes([a[6], a[7]]);
+        let sha: [u8; 6] = a[8..14].try_into().unwrap_or([0; 6]);
+        let spa = Ipv4Addr::new(a[14], a[15], a[16], a[17]);
+        let tpa = Ipv4Addr::new(a[24], a[25], a[26], a[27]);
+        if sha[0] & 1 != 0 || spa.is_unspecified() || spa == self.local_ip {
+            return true;
+        }
+        let known = self.neighbor(spa).is_some();
+        if tpa == self.local_ip || known {
+            self.set_neighbor(spa, sha);
+            self.asked.retain(|(ip, _)| *ip != spa);
+        }
+        if op == 1 && tpa == self.local_ip {
+            let mut r = vec![0u8; 60];
+            r[0..6].copy_from_slice(&sha);
+            r[6..12].copy_from_slice(&self.local_mac);
+            r[12..14].copy_from_slice(&[0x08, 0x06]);
+            r[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+            r[22..28].copy_from_slice(&self.local_mac);
+            r[28..32].copy_from_slice(&self.local_ip.octets());
+            r[32..38].copy_from_slice(&sha);
+            r[38..42].copy_from_slice(&spa.octets());
+            self.arp_out.push(r);
+            self.arp_replies += 1;
+        }
+        true
+    }
+
+    /// Sends the ARP frames gathered during this call.
+    fn flush_arp(&mut self) {
+        if self.arp_out.is_empty() {
+            return;
+        }
+        let out = std::mem::take(&mut self.arp_out);
+        let refs: Vec<&[u8]> = out.iter().map(|f| &f[..]).collect();
+        self.port.send_burst(&refs);
     }
 
     /// Sets the underlay MAC of a remote endpoint (or of the next hop toward it).
     pub fn set_neighbor(&mut self, ip: Ipv4Addr, mac: [u8; 6]) {
         match self.neighbors.iter_mut().find(|(i, _)| *i == ip) {
             Some(n) => n.1 = mac,
-            None => self.neighbors.push((ip, mac)),
+            None => {
+                if self.neighbors.len() >= MAX_UNDERLAY_NEIGHBORS {
+                    self.neighbors.remove(0);
+                }
+                self.neighbors.push((ip, mac))
+            }
         }
     }
 
@@ -760,6 +878,9 @@ impl Encap for VxlanUnderlay {
         let got = self.port.recv_burst(&mut bufs[..n], &mut lens[..n]);
         let mut out = 0;
         for i in 0..got {
+            if bufs[i][12..14] == [0x08, 0x06] && self.handle_arp(&bufs[i][..lens[i]]) {
+                continue;
+            }
             let Some((off, vni, remote)) = self.decapsulate(&bufs[i][..lens[i]]) else { continue };
             let len = lens[i] - off;
             if out == i {
@@ -771,6 +892,7 @@ impl Encap for VxlanUnderlay {
             meta[out] = (len, vni, remote);
             out += 1;
         }
+        self.flush_arp();
         out
     }
 
@@ -779,14 +901,12 @@ impl Encap for VxlanUnderlay {
         let mut port = std::mem::replace(&mut self.port, Box::new(NoPort));
         let direct = port.send_filled(frames.len(), &mut |i, buf| {
             let (inner, vni, remote) = frames[i];
-            let Some(mac) = self.neighbor(remote) else {
-                self.no_neighbor += 1;
-                return None;
-            };
+            let mac = self.resolve(remote)?;
             self.encapsulate(buf, inner, vni, remote, mac)
         });
         self.port = port;
         if let Some(sent) = direct {
+            self.flush_arp();
             return sent;
         }
         let mut sent = 0;
@@ -798,10 +918,7 @@ impl Encap for VxlanUnderlay {
             let mut lens = [0usize; TUNNEL_BATCH];
             let mut m = 0;
             for (inner, vni, remote) in chunk {
-                let Some(mac) = self.neighbor(*remote) else {
-                    self.no_neighbor += 1;
-                    continue;
-                };
+                let Some(mac) = self.resolve(*remote) else { continue };
                 if let Some(l) = self.encapsulate(&mut out[m], inner, *vni, *remote, mac) {
                     lens[m] = l;
                     m += 1;
@@ -811,6 +928,7 @@ impl Encap for VxlanUnderlay {
             sent += self.port.send_burst(&refs[..m]);
             self.out = out;
         }
+        self.flush_arp();
         sent
     }
 
@@ -895,8 +1013,10 @@ mod underlay_tests {
         fn recv_burst(&mut self, _: &mut [&mut [u8]], _: &mut [usize]) -> usize {
             0
         }
-        fn send_burst(&mut self, _: &[&[u8]]) -> usize {
-            panic!("frames must be written into lent buffers")
+        fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+            // Only the underlay's own ARP frames may come this way.
+            assert!(frames.iter().all(|f| f[12..14] == [0x08, 0x06]), "tunnel frames must be written into lent buffers");
+            frames.len()
         }
         fn send_filled(&mut self, n: usize, fill: &mut dyn FnMut(usize, &mut [u8]) -> Option<usize>) -> Option<usize> {
             let mut sent = 0;
@@ -973,5 +1093,97 @@ mod underlay_tests {
         let mut other = VxlanUnderlay::new(Box::new(Loop(raw.iter().zip(lens).map(|(r, l)| r[..l].to_vec()).collect())), unknown, [0; 6], vec![]);
         let [b0, b1] = &mut bufs;
         assert_eq!(other.recv_burst(&mut [&mut b0[..], &mut b1[..]], &mut meta), 0);
+    }
+
+    /// Frames the underlay put on its wire (a Loop port), oldest first.
+    fn wire(u: &mut VxlanUnderlay) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let mut raw = [0u8; 2048];
+            let mut len = [0usize];
+            if u.port.recv_burst(&mut [&mut raw[..]], &mut len) == 0 {
+                return out;
+            }
+            out.push(raw[..len[0]].to_vec());
+        }
+    }
+
+    fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[0..6].copy_from_slice(&[0xff; 6]);
+        f[6..12].copy_from_slice(&sha);
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        f[14..20].copy_from_slice(&[0, 1, 8, 0, 6, 4]);
+        f[20..22].copy_from_slice(&op.to_be_bytes());
+        f[22..28].copy_from_slice(&sha);
+        f[28..32].copy_from_slice(&spa.octets());
+        f[38..42].copy_from_slice(&tpa.octets());
+        f
+    }
+
+    #[test]
+    fn the_underlay_resolves_remotes_and_answers_for_itself() {
+        let (a, b) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        let (a_mac, b_mac) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let mut u = VxlanUnderlay::new(Box::new(Loop::default()), a, a_mac, vec![]);
+        let inner: Vec<u8> = (0..60u8).collect();
+        // Unknown remote: dropped, counted, one ARP request for it; no second one within a second.
+        assert_eq!(u.send_burst(&[(&inner, 5, b), (&inner, 5, b)]), 0);
+        assert_eq!(u.send_burst(&[(&inner, 5, b)]), 0);
+        assert_eq!((u.no_neighbor, u.arp_requests), (3, 1));
+        let w = wire(&mut u);
+        assert_eq!(w.len(), 1);
+        assert_eq!(&w[0][0..6], &[0xff; 6]);
+        assert_eq!(&w[0][12..14], &[0x08, 0x06]);
+        assert_eq!(&w[0][28..32], &a.octets(), "asked by us");
+        assert_eq!(&w[0][38..42], &b.octets(), "for b");
+        // b's reply teaches us its MAC; then frames go out.
+        u.port.send_burst(&[&arp(2, b_mac, b, a)]);
+        let mut buf = [0u8; 256];
+        let mut meta = [(0usize, 0u32, Ipv4Addr::UNSPECIFIED)];
+        assert_eq!(u.recv_burst(&mut [&mut buf[..]], &mut meta), 0, "ARP is not a tunnel frame");
+        assert_eq!(u.send_burst(&[(&inner, 5, b)]), 1);
+        let w = wire(&mut u);
+        assert_eq!(w.len(), 1);
+        assert_eq!(&w[0][0..6], &b_mac);
+        // A request for our address is answered, and its sender learned.
+        let c = Ipv4Addr::new(192, 0, 2, 3);
+        let c_mac = [2, 0, 0, 0, 0, 3];
+        u.port.send_burst(&[&arp(1, c_mac, c, a)]);
+        assert_eq!(u.recv_burst(&mut [&mut buf[..]], &mut meta), 0);
+        let w = wire(&mut u);
+        assert_eq!(w.len(), 1);
+        let r = &w[0];
+        assert_eq!((&r[0..6], &r[6..12], &r[20..22]), (&c_mac[..], &a_mac[..], &[0u8, 2][..]));
+        assert_eq!((&r[22..28], &r[28..32], &r[32..38], &r[38..42]), (&a_mac[..], &a.octets()[..], &c_mac[..], &c.octets()[..]));
+        assert_eq!(u.arp_replies, 1);
+        assert_eq!(u.send_burst(&[(&inner, 5, c)]), 1, "c was learned from its request");
+        // A request for someone else from a stranger teaches nothing.
+        let d = Ipv4Addr::new(192, 0, 2, 4);
+        u.port.send_burst(&[&arp(1, [2, 0, 0, 0, 0, 4], d, c)]);
+        let _ = wire(&mut u);
+        u.port.send_burst(&[&arp(1, [2, 0, 0, 0, 0, 4], d, c)]);
+        assert_eq!(u.recv_burst(&mut [&mut buf[..]], &mut meta), 0);
+        assert!(wire(&mut u).is_empty(), "no reply for another address");
+        assert!(u.neighbor(d).is_none());
+    }
+
+    #[test]
+    fn remotes_off_the_local_subnet_go_through_the_gateway() {
+        let a = Ipv4Addr::new(192, 0, 2, 1);
+        let gw = Ipv4Addr::new(192, 0, 2, 254);
+        let far = Ipv4Addr::new(198, 51, 100, 7);
+        let gw_mac = [2, 0, 0, 0, 0, 0xfe];
+        let mut u = VxlanUnderlay::new(Box::new(Loop::default()), a, [2, 0, 0, 0, 0, 1], vec![]);
+        u.set_gateway(24, gw);
+        let inner: Vec<u8> = (0..60u8).collect();
+        assert_eq!(u.send_burst(&[(&inner, 5, far)]), 0);
+        let w = wire(&mut u);
+        assert_eq!(&w[0][38..42], &gw.octets(), "the gateway is resolved, not the far endpoint");
+        u.set_neighbor(gw, gw_mac);
+        assert_eq!(u.send_burst(&[(&inner, 5, far)]), 1);
+        let w = wire(&mut u);
+        assert_eq!(&w[0][0..6], &gw_mac);
+        assert_eq!(&w[0][30..34], &far.octets(), "still addressed to the far endpoint");
     }
 }

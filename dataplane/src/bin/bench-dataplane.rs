@@ -397,7 +397,7 @@ impl Bench {
             let prefix = format!("--file-prefix=dpvbenchours{}", std::process::id());
             Eal::init(&["bench-dataplane", "--no-huge", "-m", "256", "--no-pci", "--no-shconf", "--lcores=0@(0-1)", &prefix, "--log-level=lib.eal:error"], 8192)?;
             let port = EthPort::open(&format!("net_null{}", 100 + NEXT.fetch_add(1, Ordering::Relaxed)), Some("no-rx=1"))?;
-            Ok(dp.add_vxlan_underlay_port(local, Box::new(port), [2, 0, 0, 0, 0, 1], vec![(Ipv4Addr::new(192, 0, 2, 2), [2, 0, 0, 0, 0, 2])], "net_null")?)
+            Ok(dp.add_vxlan_underlay_port(local, Box::new(port), [2, 0, 0, 0, 0, 1], vec![(Ipv4Addr::new(192, 0, 2, 2), [2, 0, 0, 0, 0, 2])], None, "net_null")?)
         }
         #[cfg(not(feature = "dpdk"))]
         {
