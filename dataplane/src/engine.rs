@@ -244,7 +244,11 @@ impl Engine {
             PortKind::Tap(t) => t.fd(),
             PortKind::Underlay(u) => crate::ports::Encap::fd(u),
         };
-        let split = matches!(&kind, PortKind::Burst(b) if b.supports_split());
+        let split = match &kind {
+            PortKind::Burst(b) => b.supports_split(),
+            PortKind::Underlay(u) => u.supports_split(),
+            _ => false,
+        };
         let port = Arc::new(Port { name: name.to_string(), io: Mutex::new(kind), fd, split, counters: PortCounters::default() });
         let mut list = self.shared.ports.write().expect("ports lock");
         let slot = list.iter().position(Option::is_none);
@@ -965,7 +969,7 @@ impl Worker {
             b.join();
         }
         match packet::parse_wire(b.head(), b.len, &mut key) {
-            Ok(layout) => self.execute(i, key, layout, ct),
+            Ok(layout) => self.execute(i, &mut key, layout, ct),
             Err(e) => {
                 self.local.parse_errors[e.index()] += 1;
                 self.local.any_parse_error = true;
@@ -987,7 +991,7 @@ impl Worker {
     fn stage(&mut self, i: usize, port: u32, tunnel: Option<(u32, Ipv4Addr)>, last: bool) {
         if self.bufs[i].tail.len > 0 {
             // Only the frame's last output to a port that takes split frames keeps the tail.
-            let split_ok = last && tunnel.is_none() && matches!(self.ports.get((port as usize).wrapping_sub(1)), Some(Some(p)) if p.split);
+            let split_ok = last && matches!(self.ports.get((port as usize).wrapping_sub(1)), Some(Some(p)) if p.split);
             if !split_ok {
                 self.bufs[i].join();
             }
@@ -1005,10 +1009,10 @@ impl Worker {
         self.tx.push(TxEntry { port, src, tunnel });
     }
 
-    fn execute(&mut self, i: usize, mut key: FlowKey, mut layout: Layout, ct: &mut CtLocks<'_>) {
+    fn execute(&mut self, i: usize, key: &mut FlowKey, mut layout: Layout, ct: &mut CtLocks<'_>) {
         let in_port = key.in_port;
         'passes: for pass in 0..MAX_RECIRC {
-            let r = self.lookup(&key, pass);
+            let r = self.lookup(key, pass);
             let n = self.actions_len(r);
             for j in 0..n {
                 let last = j + 1 == n;
@@ -1020,15 +1024,15 @@ impl Worker {
                     DpAction::SetEthSrc(m) => packet::set_eth_src(self.bufs[i].head_mut(), m),
                     DpAction::SetEthDst(m) => packet::set_eth_dst(self.bufs[i].head_mut(), m),
                     DpAction::SetIpSrc(ip) => {
-                        packet::set_ip(self.bufs[i].head_mut(), &layout, &key, false, &ip);
+                        packet::set_ip(self.bufs[i].head_mut(), &layout, key, false, &ip);
                         key.ip_src = ip;
                     }
                     DpAction::SetIpDst(ip) => {
-                        packet::set_ip(self.bufs[i].head_mut(), &layout, &key, true, &ip);
+                        packet::set_ip(self.bufs[i].head_mut(), &layout, key, true, &ip);
                         key.ip_dst = ip;
                     }
                     DpAction::DecTtl => {
-                        if !packet::dec_ttl(self.bufs[i].head_mut(), &layout, &key) {
+                        if !packet::dec_ttl(self.bufs[i].head_mut(), &layout, key) {
                             self.drop("TTL expired");
                             return;
                         }
@@ -1080,10 +1084,10 @@ impl Worker {
                     DpAction::Ct(c, recirc) => {
                         let buf = &mut self.bufs[i];
                         let (s, l) = (buf.start, buf.len);
-                        ct.get(c.zone).process(&mut buf.data[s..s + l], &layout, &mut key, &c, self.now);
+                        ct.get(c.zone).process(&mut buf.data[s..s + l], &layout, key, &c, self.now);
                         if recirc != 0 {
                             key.recirc_id = recirc;
-                            match packet::parse(self.bufs[i].head(), &mut key) {
+                            match packet::parse(self.bufs[i].head(), key) {
                                 Ok(l) => layout = l,
                                 Err(_) => return,
                             }
@@ -1091,10 +1095,10 @@ impl Worker {
                         }
                     }
                     DpAction::ArpReply(m) => packet::make_arp_reply(self.bufs[i].head_mut(), &layout, m),
-                    DpAction::EchoReply(m) => packet::make_echo_reply(self.bufs[i].head_mut(), &layout, &key, m),
+                    DpAction::EchoReply(m) => packet::make_echo_reply(self.bufs[i].head_mut(), &layout, key, m),
                     DpAction::NdAdvert(m) => {
                         let buf = &mut self.bufs[i];
-                        let n = packet::write_neighbor_advert(&mut buf.data[HEADROOM..], &key, m);
+                        let n = packet::write_neighbor_advert(&mut buf.data[HEADROOM..], key, m);
                         buf.start = HEADROOM;
                         buf.len = n;
                     }
@@ -1247,6 +1251,28 @@ impl Worker {
                     }
                 }
                 PortKind::Tunnel(t) => (total, sent) = send_encap(t, entries, frame),
+                PortKind::Underlay(u) if p.split => {
+                    let mut frames: [(&[u8], &[u8], u32, Ipv4Addr); TX_CHUNK] = [(&[], &[], 0, Ipv4Addr::UNSPECIFIED); TX_CHUNK];
+                    let mut m = 0;
+                    for e in entries {
+                        total += 1;
+                        let Some((vni, remote)) = e.tunnel else { continue };
+                        let (head, tail) = match e.src {
+                            // SAFETY: the tail's port gets rx_done only after this transmit.
+                            TxSrc::Rx(i) => (bufs[i as usize].head(), unsafe { bufs[i as usize].tail.bytes() }),
+                            TxSrc::Copy(c) => (copies[c as usize].frame(), &[][..]),
+                        };
+                        frames[m] = (head, tail, vni, remote);
+                        m += 1;
+                        if m == TX_CHUNK {
+                            sent += u.send_burst_split(&frames[..m]);
+                            m = 0;
+                        }
+                    }
+                    if m > 0 {
+                        sent += u.send_burst_split(&frames[..m]);
+                    }
+                }
                 PortKind::Underlay(u) => (total, sent) = send_encap(u, entries, frame),
                 PortKind::AfPacket(a) => {
                     for e in entries {

@@ -293,7 +293,12 @@ pub struct Pipeline {
 /// A datapath action: what the engine does to a packet, after translation.
 /// Plain data (`Copy`), so a worker reads it out of its cache without a
 /// reference count.
+// repr(C): the tag is a full word and every field sits at a fixed, aligned
+// offset. With Rust's own layout the worker read `Tunnel`'s VNI across the
+// 16-byte halves of the copy it had just made, and paid a failed
+// store-to-load forward on every packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(C)]
 pub enum DpAction {
     /// Rewrite the Ethernet source.
     SetEthSrc(MacAddr),

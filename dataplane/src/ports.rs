@@ -612,6 +612,19 @@ pub trait Encap: Send {
     fn recv_burst(&mut self, bufs: &mut [&mut [u8]], meta: &mut [(usize, u32, Ipv4Addr)]) -> usize;
     /// Sends inner frames, each to its (VNI, remote); returns how many went.
     fn send_burst(&mut self, frames: &[(&[u8], u32, Ipv4Addr)]) -> usize;
+    /// Whether [`Encap::send_burst_split`] takes frames in two parts without joining them.
+    fn supports_split(&self) -> bool {
+        false
+    }
+    /// Sends inner frames given as (head, tail); only called when [`Encap::supports_split`].
+    fn send_burst_split(&mut self, frames: &[(&[u8], &[u8], u32, Ipv4Addr)]) -> usize {
+        let mut sent = 0;
+        for &(head, tail, vni, remote) in frames {
+            let joined = [head, tail].concat();
+            sent += self.send_burst(&[(&joined[..], vni, remote)]);
+        }
+        sent
+    }
     /// A descriptor for poll(2), or -1.
     fn fd(&self) -> RawFd;
 }
@@ -671,7 +684,9 @@ pub struct VxlanUnderlay {
     arp_out: Vec<Vec<u8>>,
     /// Encapsulation buffers, reused every burst.
     out: Vec<Box<[u8]>>,
-    ip_id: u16,
+    /// Outer Ethernet/IPv4/UDP headers for the last (remote, next-hop MAC),
+    /// with the IPv4 header's checksum summed without its length.
+    template: Option<(Ipv4Addr, [u8; 6], [u8; 42], u32)>,
     /// Frames dropped because the remote's MAC was unknown.
     pub no_neighbor: u64,
     /// ARP requests sent for remotes (or the gateway) with no known MAC.
@@ -698,7 +713,7 @@ fn flow_entropy(f: &[u8]) -> u32 {
 impl VxlanUnderlay {
     /// An endpoint on `local_ip` with MAC `local_mac`, sending through `port`.
     pub fn new(port: Box<dyn BurstPort>, local_ip: Ipv4Addr, local_mac: [u8; 6], neighbors: Vec<(Ipv4Addr, [u8; 6])>) -> VxlanUnderlay {
-        VxlanUnderlay { port, local_ip, local_mac, neighbors, gateway: None, asked: Vec::new(), arp_out: Vec::new(), out: Vec::new(), ip_id: 0, no_neighbor: 0, arp_requests: 0, arp_replies: 0 }
+        VxlanUnderlay { port, local_ip, local_mac, neighbors, gateway: None, asked: Vec::new(), arp_out: Vec::new(), out: Vec::new(), template: None, no_neighbor: 0, arp_requests: 0, arp_replies: 0 }
     }
 
     /// Sends traffic for remotes outside `local_ip/prefix_len` to `gateway`
@@ -815,41 +830,98 @@ impl VxlanUnderlay {
         self.neighbors.iter().find(|(i, _)| *i == ip).map(|(_, m)| *m)
     }
 
-    /// Writes the outer headers for `inner` toward `remote` into `out`; returns the frame length.
-    fn encapsulate(&mut self, out: &mut [u8], inner: &[u8], vni: u32, remote: Ipv4Addr, dst_mac: [u8; 6]) -> Option<usize> {
-        let total = OUTER_LEN + inner.len();
+    /// Outer headers toward `remote` via `dst_mac` with the length, the
+    /// checksum, the UDP source port and VNI left to fill; and the
+    /// one's-complement sum of the IPv4 header as it stands.
+    fn build_template(&self, remote: Ipv4Addr, dst_mac: [u8; 6]) -> ([u8; 42], u32) {
+        let mut h = [0u8; 42];
+        h[0..6].copy_from_slice(&dst_mac);
+        h[6..12].copy_from_slice(&self.local_mac);
+        h[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        // Version/IHL, DF set (so the identification may stay 0, RFC 6864), TTL 64, UDP.
+        h[14] = 0x45;
+        h[20..22].copy_from_slice(&0x4000u16.to_be_bytes());
+        h[22] = 64;
+        h[23] = 17;
+        h[26..30].copy_from_slice(&self.local_ip.octets());
+        h[30..34].copy_from_slice(&remote.octets());
+        h[36..38].copy_from_slice(&VXLAN_PORT.to_be_bytes());
+        // UDP checksum 0: allowed over IPv4.
+        let sum = h[14..34].chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum();
+        (h, sum)
+    }
+
+    /// Writes the encapsulation of the inner frame `head` + `tail` toward
+    /// `remote` into `out`; returns the frame length.
+    fn encapsulate(&mut self, out: &mut [u8], head: &[u8], tail: &[u8], vni: u32, remote: Ipv4Addr, dst_mac: [u8; 6]) -> Option<usize> {
+        let inner_len = head.len() + tail.len();
+        let total = OUTER_LEN + inner_len;
         if total > out.len() || total - 14 > u16::MAX as usize {
             return None;
         }
-        out[0..6].copy_from_slice(&dst_mac);
-        out[6..12].copy_from_slice(&self.local_mac);
-        out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-        let ip = &mut out[14..34];
-        ip[0] = 0x45;
-        ip[1] = 0;
-        ip[2..4].copy_from_slice(&((total - 14) as u16).to_be_bytes());
-        self.ip_id = self.ip_id.wrapping_add(1);
-        ip[4..6].copy_from_slice(&self.ip_id.to_be_bytes());
-        ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // don't fragment
-        ip[8] = 64;
-        ip[9] = 17;
-        ip[10..12].copy_from_slice(&[0, 0]);
-        ip[12..16].copy_from_slice(&self.local_ip.octets());
-        ip[16..20].copy_from_slice(&remote.octets());
-        let c = crate::packet::checksum(ip, 0);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let (hdr, sum) = match self.template {
+            Some((r, m, h, s)) if r == remote && m == dst_mac => (h, s),
+            _ => {
+                let (h, s) = self.build_template(remote, dst_mac);
+                self.template = Some((remote, dst_mac, h, s));
+                (h, s)
+            }
+        };
+        out[..42].copy_from_slice(&hdr);
+        let ip_len = (total - 14) as u16;
+        out[16..18].copy_from_slice(&ip_len.to_be_bytes());
+        let mut c = sum + ip_len as u32;
+        c = (c & 0xffff) + (c >> 16);
+        c = (c & 0xffff) + (c >> 16);
+        out[24..26].copy_from_slice(&(!(c as u16)).to_be_bytes());
         // Source port from the inner addresses: the underlay's ECMP and RSS spread flows.
-        let sport = 49152 + (flow_entropy(inner) % 16384) as u16;
-        let udp = &mut out[34..42];
-        udp[0..2].copy_from_slice(&sport.to_be_bytes());
-        udp[2..4].copy_from_slice(&VXLAN_PORT.to_be_bytes());
-        udp[4..6].copy_from_slice(&((total - 34) as u16).to_be_bytes());
-        udp[6..8].copy_from_slice(&[0, 0]); // no UDP checksum (allowed over IPv4)
+        let sport = 49152 + (flow_entropy(head) % 16384) as u16;
+        out[34..36].copy_from_slice(&sport.to_be_bytes());
+        out[38..40].copy_from_slice(&((total - 34) as u16).to_be_bytes());
         let mut vx = [0u8; VXLAN_HEADER_LEN];
         write_vxlan(&mut vx, vni);
         out[42..OUTER_LEN].copy_from_slice(&vx);
-        out[OUTER_LEN..total].copy_from_slice(inner);
+        out[OUTER_LEN..OUTER_LEN + head.len()].copy_from_slice(head);
+        out[OUTER_LEN + head.len()..total].copy_from_slice(tail);
         Some(total)
+    }
+
+    /// Encapsulates inner frames given as (head, tail), each to its (VNI,
+    /// remote): straight into the port's buffers (a NIC's mbufs) when it
+    /// lends them, so a frame is copied once, from the guest to the NIC.
+    fn send_split(&mut self, frames: &[(&[u8], &[u8], u32, Ipv4Addr)]) -> usize {
+        let mut port = std::mem::replace(&mut self.port, Box::new(NoPort));
+        let direct = port.send_filled(frames.len(), &mut |i, buf| {
+            let (head, tail, vni, remote) = frames[i];
+            let mac = self.resolve(remote)?;
+            self.encapsulate(buf, head, tail, vni, remote, mac)
+        });
+        self.port = port;
+        if let Some(sent) = direct {
+            self.flush_arp();
+            return sent;
+        }
+        let mut sent = 0;
+        for chunk in frames.chunks(TUNNEL_BATCH) {
+            while self.out.len() < chunk.len() {
+                self.out.push(vec![0u8; 8192 + OUTER_LEN].into_boxed_slice());
+            }
+            let mut out = std::mem::take(&mut self.out);
+            let mut lens = [0usize; TUNNEL_BATCH];
+            let mut m = 0;
+            for &(head, tail, vni, remote) in chunk {
+                let Some(mac) = self.resolve(remote) else { continue };
+                if let Some(l) = self.encapsulate(&mut out[m], head, tail, vni, remote, mac) {
+                    lens[m] = l;
+                    m += 1;
+                }
+            }
+            let refs: [&[u8]; TUNNEL_BATCH] = std::array::from_fn(|i| if i < m { &out[i][..lens[i]] } else { &[][..] });
+            sent += self.port.send_burst(&refs[..m]);
+            self.out = out;
+        }
+        self.flush_arp();
+        sent
     }
 
     /// The inner frame's offset, VNI and outer source of a received VXLAN frame for us.
@@ -897,39 +969,23 @@ impl Encap for VxlanUnderlay {
     }
 
     fn send_burst(&mut self, frames: &[(&[u8], u32, Ipv4Addr)]) -> usize {
-        // Encapsulate straight into the port's buffers (a NIC's mbufs) when it lends them.
-        let mut port = std::mem::replace(&mut self.port, Box::new(NoPort));
-        let direct = port.send_filled(frames.len(), &mut |i, buf| {
-            let (inner, vni, remote) = frames[i];
-            let mac = self.resolve(remote)?;
-            self.encapsulate(buf, inner, vni, remote, mac)
-        });
-        self.port = port;
-        if let Some(sent) = direct {
-            self.flush_arp();
-            return sent;
-        }
         let mut sent = 0;
         for chunk in frames.chunks(TUNNEL_BATCH) {
-            while self.out.len() < chunk.len() {
-                self.out.push(vec![0u8; 8192 + OUTER_LEN].into_boxed_slice());
+            let mut split: [(&[u8], &[u8], u32, Ipv4Addr); TUNNEL_BATCH] = [(&[], &[], 0, Ipv4Addr::UNSPECIFIED); TUNNEL_BATCH];
+            for (s, &(f, vni, remote)) in split.iter_mut().zip(chunk) {
+                *s = (f, &[], vni, remote);
             }
-            let mut out = std::mem::take(&mut self.out);
-            let mut lens = [0usize; TUNNEL_BATCH];
-            let mut m = 0;
-            for (inner, vni, remote) in chunk {
-                let Some(mac) = self.resolve(*remote) else { continue };
-                if let Some(l) = self.encapsulate(&mut out[m], inner, *vni, *remote, mac) {
-                    lens[m] = l;
-                    m += 1;
-                }
-            }
-            let refs: [&[u8]; TUNNEL_BATCH] = std::array::from_fn(|i| if i < m { &out[i][..lens[i]] } else { &[][..] });
-            sent += self.port.send_burst(&refs[..m]);
-            self.out = out;
+            sent += self.send_split(&split[..chunk.len()]);
         }
-        self.flush_arp();
         sent
+    }
+
+    fn supports_split(&self) -> bool {
+        true
+    }
+
+    fn send_burst_split(&mut self, frames: &[(&[u8], &[u8], u32, Ipv4Addr)]) -> usize {
+        self.send_split(frames)
     }
 
     fn fd(&self) -> RawFd {
