@@ -1204,7 +1204,7 @@ impl Worker {
         {
             let mut io = p.io.lock().expect("port lock");
             match &mut *io {
-                PortKind::Burst(b) if p.split => {
+                PortKind::Burst(b) if p.split && self.rx_split => {
                     // (head, tail) pairs; a tail is only here while its receive burst is open.
                     let parts = |e: &TxEntry| -> (&[u8], &[u8]) {
                         match e.src {

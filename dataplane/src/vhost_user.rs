@@ -805,8 +805,39 @@ fn prefetch_chains(map: &mut GuestMap, ring: &Ring, from: u16, count: usize, wri
     }
 }
 
+/// A frame to transmit: whole, or a head and a tail (see
+/// [`BurstPort::send_burst_split`]). The transmit path is compiled once for
+/// each, so whole frames pay nothing for the split case.
+trait FrameParts {
+    fn head(&self) -> &[u8];
+    fn tail(&self) -> &[u8];
+}
+
+impl FrameParts for &[u8] {
+    #[inline(always)]
+    fn head(&self) -> &[u8] {
+        self
+    }
+    #[inline(always)]
+    fn tail(&self) -> &[u8] {
+        &[]
+    }
+}
+
+impl FrameParts for (&[u8], &[u8]) {
+    #[inline(always)]
+    fn head(&self) -> &[u8] {
+        self.0
+    }
+    #[inline(always)]
+    fn tail(&self) -> &[u8] {
+        self.1
+    }
+}
+
 /// Writes bytes `from..from + k` of the frame made of `parts` (head, then
 /// tail) to guest address `addr`.
+#[inline(always)]
 fn write_parts(map: &mut GuestMap, addr: u64, parts: (&[u8], &[u8]), from: usize, k: usize) -> bool {
     let (head, tail) = parts;
     let (mut addr, mut from, mut k) = (addr, from, k);
@@ -1003,7 +1034,7 @@ impl VhostUserPort {
     /// Puts the frames `pick` selects onto guest receive queue `q`: one vring
     /// lock, one used-index publish, at most one call. Returns how many went.
     /// A frame is given in two parts (head, tail), written one after the other.
-    fn send_queue(&mut self, conn: &Connection, q: usize, frames: &[(&[u8], &[u8])], pick: impl Fn(usize) -> bool) -> usize {
+    fn send_queue<F: FrameParts>(&mut self, conn: &Connection, q: usize, frames: &[F], pick: impl Fn(usize) -> bool) -> usize {
         let features = self.features();
         let max_chains = if features & VIRTIO_NET_F_MRG_RXBUF != 0 { MAX_MERGE } else { 1 };
         let hdr_len = header_len(features);
@@ -1030,10 +1061,11 @@ impl VhostUserPort {
             prefetch_chains(&mut self.map, &ring, next_avail, ready.min(frames.len()), true);
         }
         let (mut sent, mut no_buffers) = (0usize, false);
-        for (fi, &parts) in frames.iter().enumerate() {
+        for (fi, f) in frames.iter().enumerate() {
             if !pick(fi) {
                 continue;
             }
+            let parts = (f.head(), f.tail());
             let frame_len = parts.0.len() + parts.1.len();
             let (start_avail, start_used) = (next_avail, next_used);
             let mut written = 0usize;
@@ -1149,7 +1181,7 @@ impl VhostUserPort {
         n
     }
 
-    fn send_split(&mut self, frames: &[(&[u8], &[u8])]) -> usize {
+    fn send_frames<F: FrameParts>(&mut self, frames: &[F]) -> usize {
         self.refresh();
         let Some(conn) = self.conn.take() else { return 0 };
         self.sync_memory(&conn);
@@ -1160,7 +1192,7 @@ impl VhostUserPort {
             let mut which = [0u8; 256];
             let n = frames.len().min(which.len());
             for (i, f) in frames[..n].iter().enumerate() {
-                which[i] = flow_queue(f.0, self.pairs) as u8;
+                which[i] = flow_queue(f.head(), self.pairs) as u8;
             }
             for q in 1..self.pairs {
                 if which[..n].contains(&(q as u8)) && !conn.vrings[2 * q].get_ref().is_enabled() {
@@ -1197,19 +1229,11 @@ impl BurstPort for VhostUserPort {
     }
 
     fn send_burst_split(&mut self, frames: &[(&[u8], &[u8])]) -> usize {
-        self.send_split(frames)
+        self.send_frames(frames)
     }
 
     fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
-        let mut sent = 0;
-        for chunk in frames.chunks(64) {
-            let mut pairs: [(&[u8], &[u8]); 64] = [(&[], &[]); 64];
-            for (p, f) in pairs.iter_mut().zip(chunk) {
-                *p = (f, &[]);
-            }
-            sent += self.send_split(&pairs[..chunk.len()]);
-        }
-        sent
+        self.send_frames(frames)
     }
 
     fn fd(&self) -> RawFd {
