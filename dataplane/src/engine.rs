@@ -775,6 +775,12 @@ impl Worker {
                 };
                 let mut split = false;
                 for i in 0..n {
+                    if tails[i].len > lens[i] || lens[i] > BUF_SIZE - HEADROOM {
+                        // A port broke the contract (a tail must fit the buffer
+                        // once joined): an empty frame, counted as truncated.
+                        lens[i] = 0;
+                        tails[i] = Tail::NONE;
+                    }
                     bufs[i].len = lens[i];
                     bufs[i].tail = tails[i];
                     split |= tails[i].len > 0;

@@ -25,6 +25,9 @@ struct Sender {
     /// A split burst is open (set at receive, cleared by rx_done).
     open: Arc<AtomicBool>,
     done_calls: Arc<AtomicUsize>,
+    /// Sends nothing until set: frames that arrive before the pipeline
+    /// knows the port (it is compiled after the port is attached) are dropped.
+    go: Arc<AtomicBool>,
 }
 
 impl BurstPort for Sender {
@@ -36,6 +39,9 @@ impl BurstPort for Sender {
     }
     fn recv_burst_split(&mut self, bufs: &mut [&mut [u8]], lens: &mut [usize], tails: &mut [Tail]) -> usize {
         assert!(!self.open.load(Ordering::SeqCst), "a new burst before rx_done of the last");
+        if !self.go.load(Ordering::SeqCst) {
+            return 0;
+        }
         let mut n = 0;
         while n < bufs.len() && self.next < self.frames.len() {
             let f = &self.frames[self.next];
@@ -161,7 +167,9 @@ fn split_frames_arrive_whole_on_every_path() {
     dp.apply_model(Model::from_json(MODEL).unwrap()).unwrap();
     dp.add_burst_port("b", "b", Box::new(Receiver { split: true, got: got_b.clone(), sender_open: open.clone(), arrived_while_open: while_open.clone() })).unwrap();
     dp.add_burst_port("c", "c", Box::new(Receiver { split: false, got: got_c.clone(), sender_open: open.clone(), arrived_while_open: while_open.clone() })).unwrap();
-    dp.add_burst_port("a", "a", Box::new(Sender { frames: frames.clone(), next: 0, open: open.clone(), done_calls: done_calls.clone() })).unwrap();
+    let go = Arc::new(AtomicBool::new(false));
+    dp.add_burst_port("a", "a", Box::new(Sender { frames: frames.clone(), next: 0, open: open.clone(), done_calls: done_calls.clone(), go: go.clone() })).unwrap();
+    go.store(true, Ordering::SeqCst);
 
     let t = Instant::now();
     while got_b.lock().unwrap().len() < 4 || got_c.lock().unwrap().len() < 2 {
