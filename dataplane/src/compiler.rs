@@ -854,6 +854,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn ip_key(in_port: u32, src_mac: &str, dst_mac: &str, src: &str, dst: &str, proto_: u8, sport: u16, dport: u16) -> FlowKey {
         let mut k = FlowKey { in_port, eth_type: ethertype::IPV4, ip_proto: proto_, l4_src: sport, l4_dst: dport, ip_ttl: 64, ..Default::default() };
         k.eth_src = src_mac.parse::<MacAddr>().unwrap().0;

@@ -152,6 +152,17 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
+/// A NAT rewrite as a trace shows it (see [`Conntrack::peek_nat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatPeek {
+    /// The destination is rewritten (a reply); otherwise the source.
+    pub dst: bool,
+    /// The new address (16-byte form).
+    pub addr: [u8; 16],
+    /// The new port (or ICMP id); None when it is picked at commit.
+    pub port: Option<u16>,
+}
+
 impl Conntrack {
     /// An empty table holding at most `limit` connections.
     pub fn new(limit: usize) -> Conntrack {
@@ -353,14 +364,44 @@ impl Conntrack {
         }
     }
 
+    /// What the NAT of a ct() step (`nat`, committing or not) would do to a
+    /// packet described by `key` in `zone`, without changing anything (for
+    /// traces): an existing source-NATed connection's mapping (restoring the
+    /// inside destination for replies), or for a new connection that source
+    /// NAT commits, the outside address (its port is picked at commit).
+    pub fn peek_nat(&self, key: &FlowKey, zone: u16, nat: Option<Nat>, commit: bool) -> Option<NatPeek> {
+        let nat = nat?;
+        let (sport, dport) = match key.ip_proto {
+            proto::TCP | proto::UDP => (key.l4_src, key.l4_dst),
+            _ => (0, 0),
+        };
+        let t = Tuple { zone, proto: key.ip_proto, src: key.ip_src, dst: key.ip_dst, sport, dport };
+        match self.index.get(&t) {
+            Some(&(id, is_reply)) => {
+                let c = self.conns.get(id as usize)?.as_ref()?;
+                if !c.snat {
+                    return None;
+                }
+                Some(if is_reply {
+                    NatPeek { dst: true, addr: c.orig.src, port: Some(c.orig.sport) }
+                } else {
+                    let out = c.reply.reversed();
+                    NatPeek { dst: false, addr: out.src, port: Some(out.sport) }
+                })
+            }
+            None => match nat {
+                Nat::Snat { addr, .. } if commit && key.eth_type == ethertype::IPV4 => Some(NatPeek { dst: false, addr: ip_bytes4(addr), port: None }),
+                _ => None,
+            },
+        }
+    }
+
     /// Picks a source port (or ICMP id) for SNAT so that the reply tuple is unused.
     fn free_port(&self, reply: &Tuple, kind: IcmpKind, lo: u16, hi: u16) -> Option<u16> {
         let _ = kind;
         let span = (hi as u32).saturating_sub(lo as u32) + 1;
         // Start from a hash of the tuple to spread connections.
-        let mut h = FlowKey::default();
-        h.ip_src = reply.src;
-        h.l4_src = reply.sport;
+        let h = FlowKey { ip_src: reply.src, l4_src: reply.sport, ..Default::default() };
         let start = (h.hash() % span as u64) as u32;
         for i in 0..span {
             let port = (lo as u32 + (start + i) % span) as u16;
@@ -459,7 +500,7 @@ fn advance(c: &mut Connection, is_reply: bool, flags: u8, t: &Timeouts, now: Dur
                 true
             } else {
                 match (*s, is_reply) {
-                    (TcpState::SynSent, false) => flags & TCP_SYN != 0 && flags & TCP_ACK == 0 || flags & TCP_SYN == 0,
+                    (TcpState::SynSent, false) => flags & TCP_SYN == 0 || flags & TCP_ACK == 0,
                     (TcpState::SynSent, true) => {
                         if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
                             *s = TcpState::SynRecv;
@@ -554,7 +595,7 @@ mod tests {
         f
     }
 
-    fn run(ct: &mut Conntrack, f: &mut Vec<u8>, a: &CtAction, now: u64) -> FlowKey {
+    fn run(ct: &mut Conntrack, f: &mut [u8], a: &CtAction, now: u64) -> FlowKey {
         let mut k = FlowKey::default();
         let l = packet::parse(f, &mut k).unwrap();
         ct.process(f, &l, &mut k, a, Duration::from_secs(now));

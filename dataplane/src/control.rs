@@ -575,17 +575,57 @@ impl Inner {
                 actions: t.actions.iter().map(describe_dp_action).collect(),
             });
             let recirc = t.actions.iter().find_map(|a| match a {
-                DpAction::Ct(ct, id) if *id != 0 => Some((ct.zone, *id)),
+                DpAction::Ct(ct, id) if *id != 0 => Some((*ct, *id)),
                 _ => None,
             });
-            let Some((zone, id)) = recirc else {
+            let Some((ct, id)) = recirc else {
                 return Ok(TraceReport { passes, result: self.outcome(&t.actions) });
             };
-            let state = forced.unwrap_or_else(|| self.engine.conntrack_peek(&key, zone));
+            let zone = ct.zone;
+            let mut state = forced.unwrap_or_else(|| self.engine.conntrack_peek(&key, zone));
+            // NAT as the datapath would apply it: the mapping of the known
+            // connection, or for a new one that source NAT commits, the
+            // outside address (forced states judge by the connection table
+            // too, except a forced "new", which takes the new mapping).
+            let nat = if forced.is_some_and(|f| f & ct_state::NEW != 0) {
+                match ct.nat {
+                    Some(crate::pipeline::Nat::Snat { addr, .. }) if ct.commit => Some(crate::conntrack::NatPeek { dst: false, addr: crate::flow::ip_bytes(addr.into()), port: None }),
+                    _ => None,
+                }
+            } else {
+                self.engine.conntrack_peek_nat(&key, &ct)
+            };
+            let mut nat_note = String::new();
+            if let Some(n) = nat {
+                let ports = matches!(key.ip_proto, proto::TCP | proto::UDP);
+                let addr = crate::flow::ip_from_bytes(n.addr);
+                if n.dst {
+                    key.ip_dst = n.addr;
+                    state |= ct_state::DNAT;
+                } else {
+                    key.ip_src = n.addr;
+                    state |= ct_state::SNAT;
+                }
+                let port = match (n.port, ports) {
+                    (Some(p), true) => {
+                        if n.dst {
+                            key.l4_dst = p;
+                        } else {
+                            key.l4_src = p;
+                        }
+                        format!(":{p}")
+                    }
+                    (None, true) => " (port picked at commit)".to_string(),
+                    _ => String::new(),
+                };
+                nat_note = format!("; NAT: {} becomes {addr}{port}", if n.dst { "destination" } else { "source" });
+            } else if ct.nat.is_some() && forced.is_some_and(|f| f & ct_state::ESTABLISHED != 0) {
+                nat_note = "; NAT: no connection in the table to take a mapping from".into();
+            }
             key.recirc_id = id;
             key.ct_zone = zone;
             key.ct_state = state;
-            ct_note = Some(format!("{} (zone {zone}{})", ct_state_name(state), if forced.is_some() { ", as asked" } else { ", from the connection table" }));
+            ct_note = Some(format!("{} (zone {zone}{}){nat_note}", ct_state_name(state), if forced.is_some() { ", as asked" } else { ", from the connection table" }));
         }
         Ok(TraceReport { passes, result: "too many recirculations".into() })
     }
@@ -902,5 +942,38 @@ mod tests {
         assert!(ports.is_array() || ports.is_object(), "{ports}");
         assert!(t.elapsed() < Duration::from_secs(2), "answer took {:?}", t.elapsed());
         drop(held);
+    }
+
+    /// A VM port that never sends (the trace needs the port attached only).
+    struct Quiet;
+
+    impl crate::ports::BurstPort for Quiet {
+        fn recv_burst(&mut self, _: &mut [&mut [u8]], _: &mut [usize]) -> usize {
+            0
+        }
+        fn send_burst(&mut self, frames: &[&[u8]]) -> usize {
+            frames.len()
+        }
+        fn fd(&self) -> std::os::fd::RawFd {
+            -1
+        }
+    }
+
+    #[test]
+    fn trace_shows_the_gateway_snat() {
+        // h2 is r-a's gateway host: a2's traffic to the outside leaves through its SNAT.
+        let dp = Dataplane::start("h2", crate::engine::EngineConfig { workers: 1, pin: vec![], busy_rounds: 50 });
+        dp.apply_model(model()).unwrap();
+        dp.add_burst_port("a2", "a2", Box::new(Quiet)).unwrap();
+        let flow = "port=a2,tcp,eth_dst=fa:16:3e:ff:00:01,ip_src=10.0.0.12,ip_dst=198.51.100.7,tp_src=40000,tp_dst=80";
+        let r = dp.trace(flow, None).unwrap();
+        let snat = r.passes.iter().position(|p| p.ct_state.as_deref().is_some_and(|c| c.contains("NAT: source becomes 203.0.113.10 (port picked at commit)")));
+        let Some(i) = snat else { panic!("no SNAT step in {r:#?}") };
+        // The passes after it see the translated source.
+        assert!(r.passes[i].flow.contains("203.0.113.10"), "{:#?}", r.passes[i]);
+        assert!(!r.passes[i].flow.contains("10.0.0.12"), "{:#?}", r.passes[i]);
+        // Asked as a new connection, the same mapping.
+        let r = dp.trace(flow, Some("new")).unwrap();
+        assert!(r.passes.iter().any(|p| p.ct_state.as_deref().is_some_and(|c| c.contains("as asked); NAT: source becomes 203.0.113.10"))), "{r:#?}");
     }
 }

@@ -309,6 +309,11 @@ impl Engine {
         self.shared.ct_shard(zone).lock().expect("conntrack lock").peek(key, zone)
     }
 
+    /// What the NAT of ct() step `ct` would do to `key` (see [`Conntrack::peek_nat`]).
+    pub fn conntrack_peek_nat(&self, key: &FlowKey, ct: &crate::pipeline::CtAction) -> Option<crate::conntrack::NatPeek> {
+        self.shared.ct_shard(ct.zone).lock().expect("conntrack lock").peek_nat(key, ct.zone, ct.nat, ct.commit)
+    }
+
     /// Drops connections that `keep` rejects (after a security group change).
     pub fn retain_connections(&self, mut keep: impl FnMut(&crate::conntrack::Connection) -> bool) -> usize {
         self.shared.conntrack.iter().map(|c| c.lock().expect("conntrack lock").retain(&mut keep)).sum()

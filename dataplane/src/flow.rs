@@ -325,9 +325,7 @@ mod tests {
         a.ip_dst = ip_bytes("10.0.0.5".parse().unwrap());
         let mut b = a;
         b.l4_dst = 80;
-        let mut mask = FlowKey::default();
-        mask.in_port = u32::MAX;
-        mask.ip_dst = prefix_mask(true, 24);
+        let mut mask = FlowKey { in_port: u32::MAX, ip_dst: prefix_mask(true, 24), ..Default::default() };
         assert!(a.eq_masked(&b, &mask));
         assert_eq!(a.masked(&mask).hash(), b.masked(&mask).hash());
         mask.l4_dst = u16::MAX;

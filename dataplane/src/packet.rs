@@ -747,9 +747,7 @@ pub(crate) mod tests {
 
     #[test]
     fn neighbor_advert_has_valid_checksum_and_parses() {
-        let mut k = FlowKey::default();
-        k.eth_type = ethertype::IPV6;
-        k.eth_src = [0xfa, 0x16, 0x3e, 0, 0, 1];
+        let mut k = FlowKey { eth_type: ethertype::IPV6, eth_src: [0xfa, 0x16, 0x3e, 0, 0, 1], ..Default::default() };
         k.ip_src = "fd00::5".parse::<std::net::Ipv6Addr>().unwrap().octets();
         k.nd_target = "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
         let mut buf = [0u8; 256];
