@@ -596,6 +596,14 @@ fn best(a: Option<Result<Sample>>, b: Result<Sample>) -> Result<Sample> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    const KNOWN: [&str; 9] = ["--seconds", "--repeat", "--only", "--no-ovs", "--sizes", "--flows", "--dir", "--nice", "--help"];
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("bench-dataplane [--seconds N] [--repeat N] [--only l2|routed|sg|vxlan|flows] [--no-ovs] [--sizes 60,1514] [--flows N] [--nice N] [--dir PATH]");
+        return Ok(());
+    }
+    if let Some(bad) = args.iter().skip(1).find(|a| a.starts_with("--") && !KNOWN.contains(&a.as_str())) {
+        bail!("unknown option {bad} (try --help)");
+    }
     let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let seconds: f64 = opt("--seconds").map(|s| s.parse()).transpose()?.unwrap_or(5.0);
     let no_ovs = args.iter().any(|a| a == "--no-ovs");
