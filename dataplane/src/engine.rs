@@ -1211,78 +1211,33 @@ impl Worker {
                 TxSrc::Copy(c) => copies[c as usize].frame(),
             }
         };
+        // (head, tail): a tail is only here while its receive burst is open.
+        let parts = |e: &TxEntry| -> (&[u8], &[u8]) {
+            match e.src {
+                // SAFETY: the tail's port gets rx_done only after this transmit.
+                TxSrc::Rx(i) => (bufs[i as usize].head(), unsafe { bufs[i as usize].tail.bytes() }),
+                TxSrc::Copy(c) => (copies[c as usize].frame(), &[]),
+            }
+        };
         let (mut total, mut sent) = (0usize, 0usize);
         {
             let mut io = p.io.lock().expect("port lock");
             match &mut *io {
                 PortKind::Burst(b) if p.split && self.rx_split => {
-                    // (head, tail) pairs; a tail is only here while its receive burst is open.
-                    let parts = |e: &TxEntry| -> (&[u8], &[u8]) {
-                        match e.src {
-                            // SAFETY: the tail's port gets rx_done only after this transmit.
-                            TxSrc::Rx(i) => (bufs[i as usize].head(), unsafe { bufs[i as usize].tail.bytes() }),
-                            TxSrc::Copy(c) => (copies[c as usize].frame(), &[]),
-                        }
-                    };
-                    let mut frames: [(&[u8], &[u8]); TX_CHUNK] = [(&[], &[]); TX_CHUNK];
-                    let mut m = 0;
-                    for e in entries {
-                        total += 1;
-                        if e.tunnel.is_some() {
-                            continue;
-                        }
-                        frames[m] = parts(e);
-                        m += 1;
-                        if m == TX_CHUNK {
-                            sent += b.send_burst_split(&frames[..m]);
-                            m = 0;
-                        }
-                    }
-                    if m > 0 {
-                        sent += b.send_burst_split(&frames[..m]);
-                    }
+                    (total, sent) = send_chunked(entries, (&[][..], &[][..]), |e| e.tunnel.is_none().then(|| parts(e)), |f| b.send_burst_split(f));
                 }
                 PortKind::Burst(b) => {
-                    let mut frames: [&[u8]; TX_CHUNK] = [&[]; TX_CHUNK];
-                    let mut m = 0;
-                    for e in entries {
-                        total += 1;
-                        if e.tunnel.is_some() {
-                            continue;
-                        }
-                        frames[m] = frame(e);
-                        m += 1;
-                        if m == TX_CHUNK {
-                            sent += b.send_burst(&frames[..m]);
-                            m = 0;
-                        }
-                    }
-                    if m > 0 {
-                        sent += b.send_burst(&frames[..m]);
-                    }
+                    (total, sent) = send_chunked(entries, &[][..], |e| e.tunnel.is_none().then(|| frame(e)), |f| b.send_burst(f));
                 }
                 PortKind::Tunnel(t) => (total, sent) = send_encap(t, entries, frame),
                 PortKind::Underlay(u) if p.split => {
-                    let mut frames: [(&[u8], &[u8], u32, Ipv4Addr); TX_CHUNK] = [(&[], &[], 0, Ipv4Addr::UNSPECIFIED); TX_CHUNK];
-                    let mut m = 0;
-                    for e in entries {
-                        total += 1;
-                        let Some((vni, remote)) = e.tunnel else { continue };
-                        let (head, tail) = match e.src {
-                            // SAFETY: the tail's port gets rx_done only after this transmit.
-                            TxSrc::Rx(i) => (bufs[i as usize].head(), unsafe { bufs[i as usize].tail.bytes() }),
-                            TxSrc::Copy(c) => (copies[c as usize].frame(), &[][..]),
-                        };
-                        frames[m] = (head, tail, vni, remote);
-                        m += 1;
-                        if m == TX_CHUNK {
-                            sent += u.send_burst_split(&frames[..m]);
-                            m = 0;
-                        }
-                    }
-                    if m > 0 {
-                        sent += u.send_burst_split(&frames[..m]);
-                    }
+                    let item = |e: &TxEntry| {
+                        e.tunnel.map(|(vni, remote)| {
+                            let (head, tail) = parts(e);
+                            (head, tail, vni, remote)
+                        })
+                    };
+                    (total, sent) = send_chunked(entries, (&[][..], &[][..], 0, Ipv4Addr::UNSPECIFIED), item, |f| u.send_burst_split(f));
                 }
                 PortKind::Underlay(u) => (total, sent) = send_encap(u, entries, frame),
                 PortKind::AfPacket(a) => {
@@ -1316,20 +1271,26 @@ impl Worker {
 /// Sends the VXLAN entries among `entries` through `t` in chunks; returns
 /// (frames staged, frames sent).
 fn send_encap<'a>(t: &mut dyn Encap, entries: impl Iterator<Item = &'a TxEntry>, frame: impl Fn(&TxEntry) -> &'a [u8]) -> (usize, usize) {
-    let mut frames: [(&[u8], u32, Ipv4Addr); TX_CHUNK] = [(&[], 0, Ipv4Addr::UNSPECIFIED); TX_CHUNK];
+    send_chunked(entries, (&[][..], 0, Ipv4Addr::UNSPECIFIED), |e| e.tunnel.map(|(vni, remote)| (frame(e), vni, remote)), |f| t.send_burst(f))
+}
+
+/// Hands what `item` makes of each entry (None: not for this port) to
+/// `send` in chunks of [`TX_CHUNK`]; returns (entries seen, frames sent).
+fn send_chunked<'a, T: Copy>(entries: impl Iterator<Item = &'a TxEntry>, empty: T, mut item: impl FnMut(&TxEntry) -> Option<T>, mut send: impl FnMut(&[T]) -> usize) -> (usize, usize) {
+    let mut chunk = [empty; TX_CHUNK];
     let (mut total, mut sent, mut m) = (0, 0, 0);
     for e in entries {
         total += 1;
-        let Some((vni, remote)) = e.tunnel else { continue };
-        frames[m] = (frame(e), vni, remote);
+        let Some(x) = item(e) else { continue };
+        chunk[m] = x;
         m += 1;
         if m == TX_CHUNK {
-            sent += t.send_burst(&frames[..m]);
+            sent += send(&chunk[..m]);
             m = 0;
         }
     }
     if m > 0 {
-        sent += t.send_burst(&frames[..m]);
+        sent += send(&chunk[..m]);
     }
     (total, sent)
 }
