@@ -599,6 +599,17 @@ impl<'a> CtLocks<'a> {
     }
 }
 
+/// The receive areas of the worker's BURST buffers (after the headroom),
+/// each buffer reset to start there.
+fn rx_slices(bufs: &mut [Buf]) -> [&mut [u8]; BURST] {
+    let mut it = bufs.iter_mut();
+    std::array::from_fn(|_| {
+        let b = it.next().expect("BURST buffers");
+        b.start = HEADROOM;
+        &mut b.data[HEADROOM..]
+    })
+}
+
 /// Whether `a` reads and writes only a frame's headers (Ethernet, IP, the
 /// transport ports and checksums), so that a split frame's head suffices.
 fn touches_headers_only(a: &DpAction) -> bool {
@@ -769,15 +780,7 @@ impl Worker {
             PortKind::Burst(p) => {
                 let mut lens = [0usize; BURST];
                 let mut tails = [Tail::NONE; BURST];
-                let n = {
-                    let mut it = bufs.iter_mut();
-                    let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
-                        let b = it.next().expect("BURST buffers");
-                        b.start = HEADROOM;
-                        &mut b.data[HEADROOM..]
-                    });
-                    p.recv_burst_split(&mut slices, &mut lens, &mut tails)
-                };
+                let n = p.recv_burst_split(&mut rx_slices(bufs), &mut lens, &mut tails);
                 let mut split = false;
                 for i in 0..n {
                     if tails[i].len > lens[i] || lens[i] > BUF_SIZE - HEADROOM {
@@ -820,15 +823,7 @@ impl Worker {
     /// Receives a burst of decapsulated frames from a VXLAN port.
     fn recv_encap(t: &mut dyn Encap, bufs: &mut [Buf], meta: &mut [(u32, Ipv4Addr)]) -> usize {
         let mut m = [(0usize, 0u32, Ipv4Addr::UNSPECIFIED); BURST];
-        let n = {
-            let mut it = bufs.iter_mut();
-            let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| {
-                let b = it.next().expect("BURST buffers");
-                b.start = HEADROOM;
-                &mut b.data[HEADROOM..]
-            });
-            t.recv_burst(&mut slices, &mut m)
-        };
+        let n = t.recv_burst(&mut rx_slices(bufs), &mut m);
         for i in 0..n {
             bufs[i].len = m[i].0;
             bufs[i].tail = Tail::NONE;
